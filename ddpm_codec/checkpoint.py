@@ -1,0 +1,120 @@
+"""One-file checkpoints: weights (EMA and raw), schedule, network config, training state.
+
+The model id is a hash of what decides the network's outputs — the EMA weights,
+the network config and the schedule — so re-saving a model (or stripping its
+optimizer state for shipping) keeps its id.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .nets.unet import UNet, UNetConfig
+from .schedule import Schedule, schedule_from_spec
+
+FORMAT = "ddpm-codec-checkpoint"
+VERSION = 1
+MODELS_DIR = Path(__file__).parent / "models"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line for the user."""
+
+
+def model_id(net_config: dict, schedule_spec: dict, ema_state: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"net": net_config, "schedule": schedule_spec}, sort_keys=True).encode())
+    for name in sorted(ema_state):
+        t = ema_state[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class LoadedModel:
+    net: UNet  # EMA weights, eval mode
+    config: UNetConfig
+    schedule: Schedule  # the full T-step schedule the network was trained on
+    model_id: str
+    path: Path
+    train: dict = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+
+def save(path: str | os.PathLike, payload: dict) -> None:
+    """Write a checkpoint atomically (a temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds here
+        raise CheckpointError(f"{path}: not a ddpm-codec checkpoint ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a ddpm-codec checkpoint")
+    if ck.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ck.get('version')} (this ddpm-codec reads {VERSION})")
+    return ck
+
+
+def load(path: str | os.PathLike) -> LoadedModel:
+    ck = read(path)
+    cfg = UNetConfig.from_dict(ck["net_config"])
+    net = UNet(cfg)
+    net.load_state_dict(ck["ema"])
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(net=net, config=cfg, schedule=schedule_from_spec(ck["schedule"]),
+                       model_id=model_id(ck["net_config"], ck["schedule"], ck["ema"]),
+                       path=Path(path), train=dict(ck.get("train", {})))
+
+
+def shipped_models() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(MODELS_DIR.glob("*.pt"))}
+
+
+def resolve(model: str | None, channels: int | None = None) -> LoadedModel:
+    """A shipped model's name or a checkpoint path; None picks the shipped default for ``channels``."""
+    ships = shipped_models()
+    if model is None:
+        want = {1: "mnist", 3: "photos"}.get(channels or 1)
+        if want not in ships:
+            raise CheckpointError(
+                f"no shipped default model for {channels}-channel images in this install; pass --model CKPT")
+        return load(ships[want])
+    if model in ships:
+        return load(ships[model])
+    if Path(model).exists():
+        return load(model)
+    names = ", ".join(ships) or "none"
+    raise CheckpointError(f"no model {model!r}: not a checkpoint file nor a shipped model (shipped: {names})")

@@ -1,0 +1,182 @@
+"""The forward process q, the model's reverse process p_θ, training and sampling.
+
+Equation numbers refer to Ho, Jain & Abbeel 2020 ("DDPM"). Steps k are 1-based
+and index the schedule tables directly (see ``schedule``). A network is called as
+``net(x_k, timesteps[k])`` and predicts ε (eq. 11).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .schedule import Schedule
+
+EpsNet = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class VarianceType(enum.Enum):
+    """σ_k² of p_θ(x_{k−1} | x_k) (§3.2)."""
+
+    FIXED_LARGE = "beta"  # σ_k² = β_k (step 1 uses β̃_2, as the reference code)
+    FIXED_SMALL = "beta_tilde"  # σ_k² = β̃_k (step 1 uses β̃_2, since β̃_1 = 0)
+
+
+def at(table: np.ndarray, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``table[k]`` as a tensor broadcastable against ``like`` ([B] -> [B, 1, 1, 1])."""
+    vals = torch.from_numpy(np.asarray(table, dtype=np.float64)[k.cpu().numpy()]).to(like.dtype)
+    return vals.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def model_variance(sched: Schedule, var_type: VarianceType) -> np.ndarray:
+    """σ_k² for k = 0 … K (entry 0 unused), float64."""
+    if sched.K < 2:
+        fallback = sched.betas[1]
+    else:
+        fallback = sched.beta_tilde[2]
+    if var_type is VarianceType.FIXED_LARGE:
+        var = sched.betas.copy()
+    elif var_type is VarianceType.FIXED_SMALL:
+        var = sched.beta_tilde.copy()
+    else:  # pragma: no cover
+        raise ValueError(var_type)
+    var[1] = fallback
+    var[0] = 0.0
+    return var
+
+
+# --- the forward process -----------------------------------------------------------------
+
+def q_mean_var(sched: Schedule, x0: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q(x_k | x_0) = N(√ᾱ_k x_0, (1 − ᾱ_k) I)  (eq. 4): mean [B,C,H,W], variance [B,1,1,1]."""
+    return at(np.sqrt(sched.alpha_bar), k, x0) * x0, at(1.0 - sched.alpha_bar, k, x0)
+
+
+def q_sample(sched: Schedule, x0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """A draw of x_k ~ q(x_k | x_0) given the standard normal ``noise`` (eq. 4)."""
+    mean, var = q_mean_var(sched, x0, k)
+    return mean + var.sqrt() * noise
+
+
+def q_step_mean_var(sched: Schedule, x_prev: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q(x_k | x_{k−1}) = N(√(1 − β_k) x_{k−1}, β_k I)  (eq. 2)."""
+    return at(np.sqrt(1.0 - sched.betas), k, x_prev) * x_prev, at(sched.betas, k, x_prev)
+
+
+def q_posterior_mean_var(
+    sched: Schedule, x0: torch.Tensor, xt: torch.Tensor, k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q(x_{k−1} | x_k, x_0) = N(μ̃_k, β̃_k I)  (eqs. 6–7), for k ≥ 1."""
+    mean = at(sched.post_coef_x0, k, xt) * x0 + at(sched.post_coef_xt, k, xt) * xt
+    return mean, at(sched.beta_tilde, k, xt)
+
+
+def predict_x0(sched: Schedule, xt: torch.Tensor, k: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x̂_0 = (x_k − √(1 − ᾱ_k) ε) / √ᾱ_k (inverse of eq. 4)."""
+    return (xt - at(np.sqrt(1.0 - sched.alpha_bar), k, xt) * eps) / at(np.sqrt(sched.alpha_bar), k, xt)
+
+
+def eps_from_x0(sched: Schedule, xt: torch.Tensor, k: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    return (xt - at(np.sqrt(sched.alpha_bar), k, xt) * x0) / at(np.sqrt(1.0 - sched.alpha_bar), k, xt)
+
+
+# --- the reverse process -----------------------------------------------------------------
+
+@dataclass
+class PStep:
+    """p_θ(x_{k−1} | x_k) = N(mean, var I) and the predictions it came from."""
+
+    mean: torch.Tensor  # [B,C,H,W]
+    var: torch.Tensor  # [B,1,1,1]
+    eps: torch.Tensor  # [B,C,H,W]
+    pred_x0: torch.Tensor  # [B,C,H,W], clipped to [-1, 1] if asked
+
+
+def net_timesteps(sched: Schedule, k: torch.Tensor) -> torch.Tensor:
+    """The original step τ_k fed to the network, as float32 [B]."""
+    return torch.from_numpy(sched.timesteps[k.cpu().numpy()]).to(torch.float32)
+
+
+def p_step(
+    net: EpsNet,
+    sched: Schedule,
+    xt: torch.Tensor,
+    k: torch.Tensor,
+    var_type: VarianceType = VarianceType.FIXED_SMALL,
+    clip: bool = True,
+) -> PStep:
+    """p_θ(x_{k−1} | x_k): mean μ̃_k(x_k, x̂_0(x_k, ε_θ)) (eq. 11 via eq. 7), variance σ_k²."""
+    eps = net(xt, net_timesteps(sched, k))
+    pred_x0 = predict_x0(sched, xt, k, eps)
+    if clip:
+        pred_x0 = pred_x0.clamp(-1.0, 1.0)
+    mean, _ = q_posterior_mean_var(sched, pred_x0, xt, k)
+    var = at(model_variance(sched, var_type), k, xt)
+    return PStep(mean=mean, var=var, eps=eps, pred_x0=pred_x0)
+
+
+# --- Algorithm 1 ----------------------------------------------------------------------------
+
+def l_simple(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """L_simple (eq. 14, Algorithm 1): ‖ε − ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)‖², mean over all dims."""
+    B = x0.shape[0]
+    k = torch.randint(1, sched.K + 1, (B,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+    xt = q_sample(sched, x0, k, noise)
+    eps = net(xt, net_timesteps(sched, k))
+    return torch.mean((eps - noise) ** 2)
+
+
+# --- Algorithm 2 and DDIM ------------------------------------------------------------------
+
+@torch.no_grad()
+def sample(
+    net: EpsNet,
+    sched: Schedule,
+    shape: tuple[int, ...],
+    gen: torch.Generator,
+    var_type: VarianceType = VarianceType.FIXED_LARGE,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling (Algorithm 2) over the K steps of ``sched``; returns x_0 in [-1, 1]."""
+    x = torch.randn(shape, generator=gen)
+    for step in range(sched.K, 0, -1):
+        k = torch.full((shape[0],), step, dtype=torch.int64)
+        p = p_step(net, sched, x, k, var_type)
+        if step > 1:
+            x = p.mean + p.var.sqrt() * torch.randn(shape, generator=gen)
+        else:
+            x = p.mean  # the paper displays μ_θ(x_1, 1) noiselessly
+        if progress:
+            progress(1)
+    return x.clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def ddim_sample(
+    net: EpsNet,
+    sched: Schedule,
+    shape: tuple[int, ...],
+    gen: torch.Generator,
+    eta: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) over the K steps of ``sched``; η = 1 is DDPM-like, η = 0 deterministic."""
+    x = torch.randn(shape, generator=gen)
+    for step in range(sched.K, 0, -1):
+        k = torch.full((shape[0],), step, dtype=torch.int64)
+        eps = net(x, net_timesteps(sched, k))
+        x0 = predict_x0(sched, x, k, eps).clamp(-1.0, 1.0)
+        eps = eps_from_x0(sched, x, k, x0)
+        ab = at(sched.alpha_bar, k, x)
+        ab_prev = at(sched.alpha_bar_prev, k, x)
+        sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        x = ab_prev.sqrt() * x0 + torch.sqrt((1 - ab_prev - sigma**2).clamp(min=0)) * eps
+        if eta > 0 and step > 1:
+            x = x + sigma * torch.randn(shape, generator=gen)
+        if progress:
+            progress(1)
+    return x.clamp(-1.0, 1.0)

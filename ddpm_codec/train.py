@@ -1,0 +1,121 @@
+"""Training loop (Algorithm 1): Adam, EMA, gradient clipping, time budget, resumable checkpoints."""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .data import to_model_space
+from .diffusion import l_simple
+from .nets.unet import UNet, UNetConfig
+from .schedule import Schedule
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    minutes: float | None = None  # total training-time budget, summed over resumed runs
+    steps: int | None = None  # total step budget
+    checkpoint_every_s: float = 180.0
+
+
+def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        e = list(ema.parameters())
+        p = list(net.parameters())
+        torch._foreach_mul_(e, decay)
+        torch._foreach_add_(e, p, alpha=1.0 - decay)
+
+
+def train(
+    cfg: TrainConfig,
+    net_config: UNetConfig,
+    sched: Schedule,
+    source,
+    out: str | Path,
+    progress: bool = True,
+) -> dict:
+    """Train (or resume) into ``out``; returns the final training metadata."""
+    if cfg.minutes is None and cfg.steps is None:
+        raise ValueError("give a budget: minutes or steps")
+    out = Path(out)
+    net = UNet(net_config)
+    ema = copy.deepcopy(net)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    state = {"step": 0, "elapsed_s": 0.0, "losses": []}
+    if out.exists():
+        ck = checkpoint.read(out)
+        if ck["net_config"] != net_config.to_dict() or ck["schedule"] != sched.spec() or "optim" not in ck:
+            raise checkpoint.CheckpointError(
+                f"{out} exists and is not a resumable run of this configuration; choose another --out")
+        net.load_state_dict(ck["raw"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optim"])
+        rng.bit_generator.state = ck["rng"]["numpy"]
+        gen.set_state(ck["rng"]["torch"])
+        state = {k: ck["train"][k] for k in state}
+        print(f"resuming {out} at step {state['step']} ({state['elapsed_s'] / 60:.1f} min trained)", file=sys.stderr)
+
+    def done() -> bool:
+        if cfg.steps is not None and state["step"] >= cfg.steps:
+            return True
+        return cfg.minutes is not None and state["elapsed_s"] >= cfg.minutes * 60
+
+    def save() -> None:
+        meta = {**asdict(cfg), **state, "source": source.name, "images_seen": state["step"] * cfg.batch_size}
+        checkpoint.save(out, {
+            "net_config": net_config.to_dict(), "schedule": sched.spec(),
+            "ema": ema.state_dict(), "raw": net.state_dict(), "optim": opt.state_dict(),
+            "rng": {"numpy": rng.bit_generator.state, "torch": gen.get_state()}, "train": meta,
+        })
+
+    total = cfg.steps if cfg.steps is not None else None
+    bar = tqdm(total=total, initial=state["step"], disable=not progress, file=sys.stderr,
+               unit="step", dynamic_ncols=True)
+    net.train()
+    last_ck = time.monotonic()
+    window: list[float] = []
+    while not done():
+        t0 = time.monotonic()
+        lr = cfg.lr * min(1.0, (state["step"] + 1) / max(1, cfg.warmup_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x0 = to_model_space(source.sample(rng, cfg.batch_size))
+        loss = l_simple(net, sched, x0, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss became {loss.item()} at step {state['step']}")
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        state["step"] += 1
+        _ema_update(ema, net, min(cfg.ema_decay, (1 + state["step"]) / (10 + state["step"])))
+        window.append(loss.item())
+        if len(window) == 100:
+            state["losses"].append([state["step"], float(np.mean(window))])
+            window.clear()
+        state["elapsed_s"] += time.monotonic() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", min=f"{state['elapsed_s'] / 60:.1f}", refresh=False)
+        if time.monotonic() - last_ck >= cfg.checkpoint_every_s:
+            save()
+            last_ck = time.monotonic()
+    bar.close()
+    save()
+    return {**state, "source": source.name}
