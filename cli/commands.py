@@ -55,3 +55,150 @@ def train(data, size, minutes, steps, out, schedule, T, batch, lr, ema, dropout,
                       steps=steps, checkpoint_every_s=checkpoint_every * 60)
     meta = run(cfg, net_cfg, sched, source, out)
     click.echo(f"trained {meta['step']} steps in {meta['elapsed_s'] / 60:.1f} min -> {out}", err=True)
+
+
+def _is_image_path(s: str) -> bool:
+    from ddpm_codec.data import IMAGE_SUFFIXES
+
+    p = Path(s)
+    return p.is_file() or p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _check_writable(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise InputError(f"{out} exists; pass --force to overwrite")
+    if not out.parent.exists():
+        raise InputError(f"{out.parent} does not exist")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", default=None, help="Shipped model name or checkpoint path (default: by channels).")
+@click.option("--steps", "K", type=click.IntRange(min=1), default=None,
+              help="Evaluate the K-step respaced chain (default: all T steps).")
+@click.option("--n", type=click.IntRange(min=1), default=None, help="Use the first N images of a source.")
+@click.option("--method", type=click.Choice(["full", "mc"]), default="full", show_default=True,
+              help="full: every term (K network calls per image); mc: unbiased estimate with random steps.")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Random steps per image for --method mc.")
+@click.option("--variance", type=click.Choice(["beta", "beta_tilde"]), default="beta", show_default=True,
+              help="Reverse-process variance σ² (β or β̃).")
+@click.option("--batch", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@user_errors
+def nll(inputs, model, K, n, method, samples, variance, batch, seed, as_json):
+    """Bits/dim of images through the variational bound L_T + Σ L_{t-1} + L_0.
+
+    INPUTS are image files, or one data source (mnist:test, fashion-mnist:test,
+    cifar10:PATH:test, photos:heldout; crops of the model's size for photos).
+    Prints the bound and its three terms; --json gives bits_per_dim and terms.
+
+      ddpm-codec nll mnist:test --n 1000 --json
+    """
+    import torch
+
+    from ddpm_codec import checkpoint
+    from ddpm_codec.data import DataError, load_image, load_source
+    from ddpm_codec.diffusion import VarianceType
+    from ddpm_codec.eval.nll import BoundMethod, dataset_nll
+
+    if all(_is_image_path(s) for s in inputs):
+        imgs = [load_image(s) for s in inputs]
+        channels = imgs[0].shape[-1]
+        if any(im.shape != imgs[0].shape for im in imgs):
+            raise InputError("images of different shapes; give images of one shape")
+        lm = checkpoint.resolve(model, channels)
+        images = np.stack(imgs)
+        if n:
+            images = images[:n]
+    elif len(inputs) == 1:
+        src_spec = inputs[0]
+        channels = 1 if src_spec.split(":")[0] in ("mnist", "fashion-mnist") else 3
+        lm = checkpoint.resolve(model, channels)
+        src = load_source(src_spec, "test", crop=lm.image_size, channels=lm.channels)
+        images = src.take(n or None, np.random.default_rng(seed))
+    else:
+        raise InputError("give image files, or one data source")
+    if images.shape[1:] != (lm.image_size, lm.image_size, lm.channels):
+        h, w, c = images.shape[1:]
+        raise InputError(f"images are {h}×{w}×{c} but model {lm.path.name} takes "
+                         f"{lm.image_size}×{lm.image_size}×{lm.channels}")
+    sched = lm.schedule if K is None or K == lm.schedule.T else lm.schedule.respace_to(K)
+    try:
+        res = dataset_nll(lm, images, sched, torch.Generator().manual_seed(seed), BoundMethod(method),
+                          VarianceType(variance), batch=batch, samples=samples)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if as_json:
+        emit_json(res.to_json())
+    else:
+        t = res.terms
+        click.echo(f"{res.bits_per_dim:.4f} bits/dim (± {res.stderr:.4f}) on {res.n} images, K = {res.steps} "
+                   f"({res.method}, σ² = {res.variance}): prior {t['prior']:.5f}, diffusion {t['diffusion']:.4f}, "
+                   f"decoder {t['decoder']:.4f}")
+
+
+@cli.command()
+@click.option("--model", default=None, help="Shipped model name or checkpoint path (default: the grey model).")
+@click.option("--n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of samples.")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG grid.")
+@click.option("--steps", "K", type=click.IntRange(min=1), default=None, help="Respaced K-step chain (default: T).")
+@click.option("--method", type=click.Choice(["ancestral", "ddim"]), default="ancestral", show_default=True,
+              help="ancestral: Algorithm 2; ddim: Song et al. 2021.")
+@click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="DDIM η.")
+@click.option("--variance", type=click.Choice(["beta", "beta_tilde"]), default="beta", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@user_errors
+def sample(model, n, out, K, method, eta, variance, seed, force):
+    """Draw samples from the model and save them as one PNG grid."""
+    import torch
+    from tqdm import tqdm
+
+    from ddpm_codec import checkpoint
+    from ddpm_codec.data import image_grid, save_image, to_uint8
+    from ddpm_codec.diffusion import VarianceType, ddim_sample, sample as ancestral
+
+    _check_writable(out, force)
+    lm = checkpoint.resolve(model, 1)
+    sched = lm.schedule if K is None or K == lm.schedule.T else lm.schedule.respace_to(K)
+    shape = (n, lm.channels, lm.image_size, lm.image_size)
+    gen = torch.Generator().manual_seed(seed)
+    with tqdm(total=sched.K, file=sys.stderr, unit="step", dynamic_ncols=True) as bar:
+        if method == "ancestral":
+            x = ancestral(lm.net, sched, shape, gen, VarianceType(variance), progress=bar.update)
+        else:
+            x = ddim_sample(lm.net, sched, shape, gen, eta, progress=bar.update)
+    tmp = out.with_name(out.name + ".tmp.png")
+    save_image(image_grid(to_uint8(x)), tmp)
+    tmp.replace(out)
+    click.echo(f"{n} samples ({method}, K = {sched.K}) -> {out}", err=True)
+
+
+@cli.group()
+def bench():
+    """Benchmarks (JSON on stdout). Not tests: run them on an idle machine."""
+
+
+@bench.command("net")
+@click.option("--sizes", default="S,M,L", show_default=True, help="Presets to measure.")
+@click.option("--batch", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--seconds", type=float, default=5.0, show_default=True, help="Time per measurement.")
+@user_errors
+def bench_net(sizes, batch, seconds):
+    """Network throughput of each preset: images·steps per second (inference) and
+    training images per second (batch 64), at 28×28 grey and 32×32 RGB."""
+    import torch
+
+    from ddpm_codec.eval.bench import net_throughput
+
+    out = {"threads": torch.get_num_threads(), "batch": batch, "torch": torch.__version__, "presets": []}
+    for size in sizes.split(","):
+        for channels, image_size in [(1, 28), (3, 32)]:
+            r = net_throughput(size.strip(), channels, image_size, batch, seconds)
+            click.echo(f"{size} {channels}×{image_size}²: {r['params']:,} params, "
+                       f"{r['infer_img_steps_per_s']:.0f} img·steps/s, train {r['train_img_per_s']:.0f} img/s",
+                       err=True)
+            out["presets"].append(r)
+    emit_json(out)

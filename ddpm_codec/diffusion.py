@@ -21,8 +21,8 @@ EpsNet = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class VarianceType(enum.Enum):
     """σ_k² of p_θ(x_{k−1} | x_k) (§3.2)."""
 
-    FIXED_LARGE = "beta"  # σ_k² = β_k (step 1 uses β̃_2, as the reference code)
-    FIXED_SMALL = "beta_tilde"  # σ_k² = β̃_k (step 1 uses β̃_2, since β̃_1 = 0)
+    FIXED_LARGE = "beta"  # σ_k² = β_k
+    FIXED_SMALL = "beta_tilde"  # σ_k² = β̃_k, except σ_1² = β̃_2 since β̃_1 = 0 (as the reference code)
 
 
 def at(table: np.ndarray, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -32,18 +32,18 @@ def at(table: np.ndarray, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def model_variance(sched: Schedule, var_type: VarianceType) -> np.ndarray:
-    """σ_k² for k = 0 … K (entry 0 unused), float64."""
-    if sched.K < 2:
-        fallback = sched.betas[1]
-    else:
-        fallback = sched.beta_tilde[2]
+    """σ_k² for k = 0 … K (entry 0 unused), float64.
+
+    The reference code decodes L_0 with σ_1² = β̃_2 for both types; for σ² = β we keep β_1,
+    the spread of x_0 given x_1 under a flat prior, which gave a tighter bound on Gaussian
+    data with the exact ε-predictor (tests/test_likelihood.py)."""
     if var_type is VarianceType.FIXED_LARGE:
         var = sched.betas.copy()
     elif var_type is VarianceType.FIXED_SMALL:
         var = sched.beta_tilde.copy()
+        var[1] = sched.beta_tilde[2] if sched.K >= 2 else sched.betas[1]
     else:  # pragma: no cover
         raise ValueError(var_type)
-    var[1] = fallback
     var[0] = 0.0
     return var
 
@@ -108,8 +108,10 @@ def p_step(
     var_type: VarianceType = VarianceType.FIXED_SMALL,
     clip: bool = True,
 ) -> PStep:
-    """p_θ(x_{k−1} | x_k): mean μ̃_k(x_k, x̂_0(x_k, ε_θ)) (eq. 11 via eq. 7), variance σ_k²."""
-    eps = net(xt, net_timesteps(sched, k))
+    """p_θ(x_{k−1} | x_k): mean μ̃_k(x_k, x̂_0(x_k, ε_θ)) (eq. 11 via eq. 7), variance σ_k².
+
+    The network runs in float32; the rest in the dtype of ``xt`` (float64 for the bound)."""
+    eps = net(xt.to(torch.float32), net_timesteps(sched, k)).to(xt.dtype)
     pred_x0 = predict_x0(sched, xt, k, eps)
     if clip:
         pred_x0 = pred_x0.clamp(-1.0, 1.0)

@@ -53,7 +53,9 @@ def train(
     if cfg.minutes is None and cfg.steps is None:
         raise ValueError("give a budget: minutes or steps")
     out = Path(out)
-    net = UNet(net_config)
+    with torch.random.fork_rng(devices=[]):  # weight init from the seed, global RNG untouched
+        torch.manual_seed(cfg.seed)
+        net = UNet(net_config)
     ema = copy.deepcopy(net)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+
+from ddpm_codec import checkpoint
+from ddpm_codec.data import ArraySource
+from ddpm_codec.nets.unet import UNet, count_parameters, preset_config
+from ddpm_codec.schedule import ScheduleKind, make_schedule
+from ddpm_codec.train import TrainConfig, train
+from conftest import TINY, tiny_images
+
+
+def test_presets_have_the_advertised_sizes():
+    sizes = {s: count_parameters(UNet(preset_config(s, 1, 28))) for s in "SML"}
+    assert 0.4e6 < sizes["S"] < 1e6 and 1.5e6 < sizes["M"] < 3e6 and 6e6 < sizes["L"] < 10e6
+    for c, size in [(1, 28), (3, 32)]:
+        net = UNet(preset_config("S", c, size))
+        assert net(torch.zeros(2, c, size, size), torch.tensor([1.0, 1000.0])).shape == (2, c, size, size)
+
+
+def test_training_lowers_the_loss(tmp_path):
+    sched = make_schedule(ScheduleKind.LINEAR, 100)
+    cfg = TrainConfig(data="tiny", batch_size=16, steps=300, seed=0, warmup_steps=10, lr=2e-3)
+    meta = train(cfg, TINY, sched, ArraySource("tiny", tiny_images()), tmp_path / "a.pt", progress=False)
+    losses = [l for _, l in meta["losses"]]
+    assert len(losses) == 3
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tiny_checkpoint):
+    a = checkpoint.load(tiny_checkpoint)
+    b = checkpoint.load(tiny_checkpoint)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([1.0, 5.0, 50.0, 100.0])
+    assert torch.equal(a.net(x, t), b.net(x, t))
+    assert a.model_id == b.model_id and len(a.model_id) == 16
+    assert a.schedule.T == 100 and a.train["step"] == 30
+    # the id follows the weights, not the file: stripping the optimizer keeps it, changing a weight does not
+    ck = checkpoint.read(tiny_checkpoint)
+    assert checkpoint.model_id(ck["net_config"], ck["schedule"], ck["ema"]) == a.model_id
+    ck["ema"]["conv_in.bias"] = ck["ema"]["conv_in.bias"] + 1e-6
+    assert checkpoint.model_id(ck["net_config"], ck["schedule"], ck["ema"]) != a.model_id
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    sched = make_schedule(ScheduleKind.LINEAR, 100)
+    src = ArraySource("tiny", tiny_images())
+    base = dict(data="tiny", batch_size=8, seed=3, warmup_steps=5)
+    train(TrainConfig(**base, steps=12), TINY, sched, src, tmp_path / "r.pt", progress=False)
+    train(TrainConfig(**base, steps=20), TINY, sched, src, tmp_path / "r.pt", progress=False)  # resumes at 12
+    train(TrainConfig(**base, steps=20), TINY, sched, src, tmp_path / "u.pt", progress=False)
+    r, u = checkpoint.read(tmp_path / "r.pt"), checkpoint.read(tmp_path / "u.pt")
+    assert r["train"]["step"] == u["train"]["step"] == 20
+    for name in u["ema"]:
+        assert torch.equal(r["ema"][name], u["ema"][name]), name
+
+
+def test_resume_refuses_another_configuration(tmp_path, tiny_checkpoint):
+    sched = make_schedule(ScheduleKind.COSINE, 100)
+    with pytest.raises(checkpoint.CheckpointError, match="not a resumable run"):
+        train(TrainConfig(data="tiny", steps=40), TINY, sched, ArraySource("tiny", tiny_images()),
+              tiny_checkpoint, progress=False)
+
+
+def test_bad_checkpoints(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(checkpoint.CheckpointError, match="not a ddpm-codec checkpoint"):
+        checkpoint.load(tmp_path / "junk.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
+        checkpoint.load(tmp_path / "missing.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="no model"):
+        checkpoint.resolve("no-such-model")
