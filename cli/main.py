@@ -23,14 +23,19 @@ class InputError(click.ClickException):
 def user_errors(fn):
     """Turn the library's user-facing errors into exit code 2 with one line, never a traceback."""
     from ddpm_codec.checkpoint import CheckpointError
+    from ddpm_codec.codec import DecodeError
+    from ddpm_codec.coding.container import FormatError
+    from ddpm_codec.coding.entropy import CodingError
     from ddpm_codec.data import DataError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (DataError, CheckpointError) as e:
+        except (DataError, CheckpointError, DecodeError, FormatError, CodingError) as e:
             raise InputError(str(e)) from None
+        except OSError as e:
+            raise InputError(f"{e.filename or ''}: {e.strerror or e}") from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -49,8 +54,9 @@ def emit_json(obj: dict) -> None:
 def cli(threads: int | None) -> None:
     """Image compression with a denoising diffusion model (DDPM).
 
-    nll: bits/dim through the variational bound; train: Algorithm 1; sample:
-    Algorithm 2 or DDIM; bench: network throughput.
+    encode/decode/info: lossless bits-back coding into .ddpm files; nll:
+    bits/dim through the variational bound; train: Algorithm 1; calibrate:
+    the reverse variance; sample: Algorithm 2 or DDIM; bench: speed.
     """
     perf.setup(threads)
 

@@ -13,8 +13,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .diffusion import VarianceType, model_variance
 from .nets.unet import UNet, UNetConfig
 from .schedule import Schedule, schedule_from_spec
 
@@ -27,9 +29,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line for the user."""
 
 
-def model_id(net_config: dict, schedule_spec: dict, ema_state: dict) -> str:
+def model_id(net_config: dict, schedule_spec: dict, ema_state: dict, calibration: dict | None = None) -> str:
+    """Hash of everything that decides the codec's numbers: config, schedule, EMA weights and the
+    variance calibration (if any)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"net": net_config, "schedule": schedule_spec}, sort_keys=True).encode())
+    desc = {"net": net_config, "schedule": schedule_spec}
+    if calibration is not None:
+        desc["x0_mse"] = [float(v).hex() for v in calibration["x0_mse"]]
+    h.update(json.dumps(desc, sort_keys=True).encode())
     for name in sorted(ema_state):
         t = ema_state[name].detach().to("cpu").contiguous()
         h.update(name.encode())
@@ -47,6 +54,13 @@ class LoadedModel:
     model_id: str
     path: Path
     train: dict = field(default_factory=dict)
+    x0_mse: np.ndarray | None = None  # e(t), t = 0 … T: see VarianceType.CALIBRATED
+
+    def variance(self, sched: Schedule, var_type: VarianceType) -> np.ndarray:
+        """The σ² table of ``var_type`` for the chain ``sched``."""
+        if var_type is VarianceType.CALIBRATED and self.x0_mse is None:
+            raise CheckpointError(f"{self.path.name} has no variance calibration; run `ddpm-codec calibrate` on it")
+        return model_variance(sched, var_type, self.x0_mse)
 
     @property
     def channels(self) -> int:
@@ -94,9 +108,11 @@ def load(path: str | os.PathLike) -> LoadedModel:
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
+    cal = ck.get("calibration")
     return LoadedModel(net=net, config=cfg, schedule=schedule_from_spec(ck["schedule"]),
-                       model_id=model_id(ck["net_config"], ck["schedule"], ck["ema"]),
-                       path=Path(path), train=dict(ck.get("train", {})))
+                       model_id=model_id(ck["net_config"], ck["schedule"], ck["ema"], cal),
+                       path=Path(path), train=dict(ck.get("train", {})),
+                       x0_mse=None if cal is None else np.asarray(cal["x0_mse"], dtype=np.float64))
 
 
 def shipped_models() -> dict[str, Path]:
@@ -118,3 +134,19 @@ def resolve(model: str | None, channels: int | None = None) -> LoadedModel:
         return load(model)
     names = ", ".join(ships) or "none"
     raise CheckpointError(f"no model {model!r}: not a checkpoint file nor a shipped model (shipped: {names})")
+
+
+def calibrate(path: str | os.PathLike, images_u8: np.ndarray, gen: torch.Generator, source: str,
+              out: str | os.PathLike | None = None, progress=None) -> LoadedModel:
+    """Measure e(t) (``likelihood.x0_mse_per_step``) on uint8 images [N, H, W, C] — training
+    data, never the evaluation set — and store it in the checkpoint (``out``, default in place)."""
+    from .data import to_model_space
+    from .likelihood import x0_mse_per_step
+
+    lm = load(path)
+    with torch.no_grad():
+        e = x0_mse_per_step(lm.net, lm.schedule, to_model_space(images_u8), gen, progress)
+    ck = read(path)
+    ck["calibration"] = {"x0_mse": e.tolist(), "n_images": int(len(images_u8)), "source": source}
+    save(out or path, {k: v for k, v in ck.items() if k not in ("format", "version")})
+    return load(out or path)

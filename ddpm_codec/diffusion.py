@@ -23,6 +23,10 @@ class VarianceType(enum.Enum):
 
     FIXED_LARGE = "beta"  # σ_k² = β_k
     FIXED_SMALL = "beta_tilde"  # σ_k² = β̃_k, except σ_1² = β̃_2 since β̃_1 = 0 (as the reference code)
+    # σ_k² = β̃_k + c_k² e(τ_k): c_k the coefficient of x̂_0 in the posterior mean (eq. 7), e(t) the
+    # measured per-dimension MSE of the clipped x̂_0 at step t — the isotropic optimum of
+    # Analytic-DPM (Bao et al. 2022) for a mean-predicting model. Needs the model's calibration.
+    CALIBRATED = "calibrated"
 
 
 def at(table: np.ndarray, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -31,7 +35,7 @@ def at(table: np.ndarray, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return vals.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def model_variance(sched: Schedule, var_type: VarianceType) -> np.ndarray:
+def model_variance(sched: Schedule, var_type: VarianceType, x0_mse: np.ndarray | None = None) -> np.ndarray:
     """σ_k² for k = 0 … K (entry 0 unused), float64.
 
     The reference code decodes L_0 with σ_1² = β̃_2 for both types; for σ² = β we keep β_1,
@@ -42,6 +46,11 @@ def model_variance(sched: Schedule, var_type: VarianceType) -> np.ndarray:
     elif var_type is VarianceType.FIXED_SMALL:
         var = sched.beta_tilde.copy()
         var[1] = sched.beta_tilde[2] if sched.K >= 2 else sched.betas[1]
+    elif var_type is VarianceType.CALIBRATED:
+        if x0_mse is None:
+            raise ValueError("the calibrated variance needs the model's x̂_0 error table (ddpm-codec calibrate)")
+        e = np.asarray(x0_mse, dtype=np.float64)[sched.timesteps]
+        var = sched.beta_tilde + sched.post_coef_x0 ** 2 * e
     else:  # pragma: no cover
         raise ValueError(var_type)
     var[0] = 0.0
@@ -105,18 +114,19 @@ def p_step(
     sched: Schedule,
     xt: torch.Tensor,
     k: torch.Tensor,
-    var_type: VarianceType = VarianceType.FIXED_SMALL,
+    variance: np.ndarray,
     clip: bool = True,
 ) -> PStep:
     """p_θ(x_{k−1} | x_k): mean μ̃_k(x_k, x̂_0(x_k, ε_θ)) (eq. 11 via eq. 7), variance σ_k².
 
-    The network runs in float32; the rest in the dtype of ``xt`` (float64 for the bound)."""
+    ``variance`` is the σ² table of ``model_variance``. The network runs in float32; the rest
+    in the dtype of ``xt`` (float64 for the bound and the coder)."""
     eps = net(xt.to(torch.float32), net_timesteps(sched, k)).to(xt.dtype)
     pred_x0 = predict_x0(sched, xt, k, eps)
     if clip:
         pred_x0 = pred_x0.clamp(-1.0, 1.0)
     mean, _ = q_posterior_mean_var(sched, pred_x0, xt, k)
-    var = at(model_variance(sched, var_type), k, xt)
+    var = at(variance, k, xt)
     return PStep(mean=mean, var=var, eps=eps, pred_x0=pred_x0)
 
 
@@ -140,14 +150,17 @@ def sample(
     sched: Schedule,
     shape: tuple[int, ...],
     gen: torch.Generator,
-    var_type: VarianceType = VarianceType.FIXED_LARGE,
+    variance: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Ancestral sampling (Algorithm 2) over the K steps of ``sched``; returns x_0 in [-1, 1]."""
+    """Ancestral sampling (Algorithm 2) over the K steps of ``sched`` with the σ² table
+    ``variance`` (default σ² = β); returns x_0 in [-1, 1]."""
+    if variance is None:
+        variance = model_variance(sched, VarianceType.FIXED_LARGE)
     x = torch.randn(shape, generator=gen)
     for step in range(sched.K, 0, -1):
         k = torch.full((shape[0],), step, dtype=torch.int64)
-        p = p_step(net, sched, x, k, var_type)
+        p = p_step(net, sched, x, k, variance)
         if step > 1:
             x = p.mean + p.var.sqrt() * torch.randn(shape, generator=gen)
         else:

@@ -14,9 +14,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
-from .diffusion import EpsNet, VarianceType, p_step, q_mean_var, q_posterior_mean_var, q_sample
+from .diffusion import EpsNet, VarianceType, model_variance, p_step, q_mean_var, q_posterior_mean_var, q_sample
 from .schedule import Schedule
 
 LN2 = math.log(2.0)
@@ -89,11 +90,11 @@ def prior_term(sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
 
 def step_term(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor,
-    var_type: VarianceType, clip: bool = True,
+    variance: np.ndarray, clip: bool = True,
 ) -> torch.Tensor:
     """L_{k−1} for each image at its own step k ≥ 1 (k = 1: the decoder L_0): [B], nats (summed over dims)."""
     xt = q_sample(sched, x0, k, noise)
-    p = p_step(net, sched, xt, k, var_type, clip)
+    p = p_step(net, sched, xt, k, variance, clip)
     q_mean, q_var = q_posterior_mean_var(sched, x0, xt, k)
     first = k == 1
     # clamp keeps the unused branch finite (β̃_1 = 0); torch.where picks the used one
@@ -104,13 +105,33 @@ def step_term(
     return out
 
 
+def x0_mse_per_step(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator,
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """e(t) = E‖clip(x̂_0(x_t)) − x_0‖² / D for every step t = 1 … T of ``sched`` (entry 0 is 0),
+    from one draw of x_t per image: the calibration behind ``VarianceType.CALIBRATED``."""
+    from .diffusion import predict_x0, net_timesteps
+
+    x0 = x0.to(torch.float32)
+    e = np.zeros(sched.K + 1, dtype=np.float64)
+    for step in range(1, sched.K + 1):
+        k = torch.full((x0.shape[0],), step, dtype=torch.int64)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = q_sample(sched, x0, k, noise)
+        pred = predict_x0(sched, xt, k, net(xt, net_timesteps(sched, k))).clamp(-1, 1)
+        e[step] = float(((pred.double() - x0.double()) ** 2).mean())
+        if progress:
+            progress(x0.shape[0])
+    return e
+
+
 def bound_full(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator,
-    var_type: VarianceType = VarianceType.FIXED_SMALL, clip: bool = True,
+    variance: np.ndarray | None = None, clip: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> BoundTerms:
     """The bound of the K-step chain, every term evaluated (K network calls per image); bits/dim [B]."""
     x0 = x0.to(torch.float64)
+    variance = model_variance(sched, VarianceType.FIXED_SMALL) if variance is None else variance
     B = x0.shape[0]
     dims = x0[0].numel()
     diffusion = torch.zeros(B, dtype=torch.float64)
@@ -118,7 +139,7 @@ def bound_full(
     for step in range(sched.K, 0, -1):
         k = torch.full((B,), step, dtype=torch.int64)
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-        term = step_term(net, sched, x0, k, noise, var_type, clip)
+        term = step_term(net, sched, x0, k, noise, variance, clip)
         if step == 1:
             decoder += term
         else:
@@ -131,12 +152,13 @@ def bound_full(
 
 def bound_mc(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator, samples: int = 1,
-    var_type: VarianceType = VarianceType.FIXED_SMALL, clip: bool = True,
+    variance: np.ndarray | None = None, clip: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> BoundTerms:
     """An unbiased estimate of the bound: L_T + K·L_{k−1} with k ~ U{1..K}, averaged over
     ``samples`` draws per image (``samples`` network calls per image); bits/dim [B]."""
     x0 = x0.to(torch.float64)
+    variance = model_variance(sched, VarianceType.FIXED_SMALL) if variance is None else variance
     B = x0.shape[0]
     dims = x0[0].numel()
     diffusion = torch.zeros(B, dtype=torch.float64)
@@ -144,7 +166,7 @@ def bound_mc(
     for _ in range(samples):
         k = torch.randint(1, sched.K + 1, (B,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-        term = step_term(net, sched, x0, k, noise, var_type, clip) * sched.K / samples
+        term = step_term(net, sched, x0, k, noise, variance, clip) * sched.K / samples
         decoder += torch.where(k == 1, term, 0.0)
         diffusion += torch.where(k == 1, 0.0, term)
         if progress:

@@ -45,7 +45,7 @@ def dataset_nll(
     sched: Schedule,
     gen: torch.Generator,
     method: BoundMethod = BoundMethod.FULL,
-    var_type: VarianceType = VarianceType.FIXED_LARGE,
+    var_type: VarianceType = VarianceType.FIXED_SMALL,
     batch: int = 250,
     samples: int = 1,
     progress: bool = True,
@@ -54,6 +54,7 @@ def dataset_nll(
     if images.shape[1:3] != (model.image_size, model.image_size) or images.shape[3] != model.channels:
         raise ValueError(f"images are {images.shape[1:]} but the model takes "
                          f"{model.image_size}×{model.image_size}×{model.channels}")
+    variance = model.variance(sched, var_type)
     n = len(images)
     per_image = sched.K if method is BoundMethod.FULL else samples
     bar = tqdm(total=n * per_image, disable=not progress, file=sys.stderr, unit="img·step",
@@ -64,9 +65,9 @@ def dataset_nll(
         for i in range(0, n, batch):
             x0 = to_model_space(images[i:i + batch]).contiguous(memory_format=torch.channels_last)
             if method is BoundMethod.FULL:
-                terms = bound_full(model.net, sched, x0, gen, var_type, progress=bar.update)
+                terms = bound_full(model.net, sched, x0, gen, variance, progress=bar.update)
             else:
-                terms = bound_mc(model.net, sched, x0, gen, samples, var_type, progress=bar.update)
+                terms = bound_mc(model.net, sched, x0, gen, samples, variance, progress=bar.update)
             parts.append(torch.stack([terms.prior, terms.diffusion, terms.decoder], 1))
     bar.close()
     t = torch.cat(parts)  # [N, 3] bits/dim

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from ddpm_codec.diffusion import VarianceType
+from ddpm_codec.diffusion import VarianceType, model_variance
 from ddpm_codec.likelihood import (LN2, bound_full, bound_mc, discretized_gaussian_log_prob,
                                    discretized_gaussian_log_probs, level_values, log_normal_interval, normal_kl)
 from ddpm_codec.schedule import ScheduleKind, make_schedule
@@ -70,7 +70,8 @@ def test_bound_of_gaussian_data_is_above_the_true_nll_and_tightens_with_steps():
     gaps = {}
     for K in [10, 100, 1000]:
         sched = full.respace_to(K)
-        b = bound_full(net, sched, x0, torch.Generator().manual_seed(K), VarianceType.FIXED_LARGE, clip=False)
+        b = bound_full(net, sched, x0, torch.Generator().manual_seed(K), model_variance(sched, VarianceType.FIXED_LARGE),
+                       clip=False)
         gap = b.total - true
         se = gap.std().item() / math.sqrt(len(gap))
         gaps[K] = gap.mean().item()

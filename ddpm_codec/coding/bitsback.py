@@ -1,0 +1,160 @@
+"""Lossless bits-back coding over the diffusion chain, in Bit-Swap order (DESIGN.md).
+
+Per batch of images, with the K-step chain of a (respaced) schedule:
+
+    encode:  for k = 1 … K:
+                 pop  x_k      from q(x_k | x_{k−1})      (bits back; k = 1 reads x_0 = the pixels)
+                 push x_{k−1}  with p_θ(x_{k−1} | x_k)    (k = 1: the 256-level decoder of L_0)
+             push x_K with p(x_K) = N(0, I)
+    decode:  pop x_K; for k = K … 1: pop x_{k−1} with p_θ, push x_k back with q.
+
+Pushed in this order, popped in the reverse. Latent x_k lives on the grid δ_k·ℤ with
+δ_k = √β_k / 2^b; it is coded as an integer residual from the rounded model mean.
+Batches are chained on one stack: the decoder takes them last first.
+
+Determinism: the network sees identical float32 inputs and batch shapes on both
+sides; everything else that reaches the coder is float64 arithmetic (+ − × ÷ √,
+rounding), which is exact and thread-count independent, or scipy's scalar ndtr.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy.special import ndtr
+
+from ..diffusion import EpsNet, p_step
+from ..schedule import Schedule
+from .entropy import MAX_RANGE, Stack
+
+RANGE_SIGMAS = 12.0  # residual ranges are ±12 standard deviations (in grid units)
+PIXEL_CHUNK = 1 << 15  # dims per categorical call (a [chunk, 256] float64 table)
+
+
+def pixel_probs(mean: np.ndarray, std: float) -> np.ndarray:
+    """p(u | mean, std) for u = 0 … 255: the discretized Gaussian of L_0 (eq. 13) with bin
+    edges at x ± 1/255, end bins open; [n] -> [n, 256], float64 (scalar ndtr: deterministic)."""
+    levels = np.arange(256, dtype=np.float64) * (2.0 / 255.0) - 1.0
+    edges = np.concatenate([[-np.inf], levels[:-1] + 1.0 / 255.0, [np.inf]])
+    z = (edges[None, :] - mean[:, None]) / std  # [n, 257]
+    lo, hi = z[:, :-1], z[:, 1:]
+    upper = lo > 0  # right of the mean: use the upper tail, where ndtr(−z) keeps precision
+    p = np.where(upper, ndtr(-lo) - ndtr(-hi), ndtr(hi) - ndtr(lo))
+    assert p.shape == (mean.shape[0], 256)
+    return p
+
+
+@dataclass(frozen=True)
+class ChainCoder:
+    """Bits-back coder for one model, one K-step chain, one grid."""
+
+    net: EpsNet
+    sched: Schedule
+    variance: np.ndarray  # σ_k² of p_θ, [K+1] (``model_variance``)
+    grid_bits: int = 2
+    delta: np.ndarray = field(init=False)  # grid widths δ_k, [K+1] (entry 0 unused: pixels)
+
+    def __post_init__(self) -> None:
+        if self.variance.shape != (self.sched.K + 1,) or not np.all(self.variance[1:] > 0):
+            raise ValueError("the variance table must be positive, one entry per step")
+        delta = np.sqrt(self.sched.betas) / 2.0 ** self.grid_bits
+        delta[0] = np.nan
+        object.__setattr__(self, "delta", delta)
+
+    @property
+    def K(self) -> int:
+        return self.sched.K
+
+    def _q_std(self) -> float:
+        """std of q(x_k | x_{k−1}) in units of δ_k: √β_k / δ_k = 2^b for every k."""
+        return float(2.0 ** self.grid_bits)
+
+    def _q_range(self) -> int:
+        return int(math.ceil(RANGE_SIGMAS * self._q_std()))
+
+    def _p_std_range(self, k: int) -> tuple[float, int]:
+        """std of p_θ(x_{k−1} | x_k) in units of δ_{k−1}, and its residual range (k ≥ 2)."""
+        s = math.sqrt(self.variance[k]) / self.delta[k - 1]
+        return s, int(min(MAX_RANGE, math.ceil(RANGE_SIGMAS * s)))
+
+    def _prior_std_range(self) -> tuple[float, int]:
+        s = 1.0 / self.delta[self.K]
+        return s, int(min(MAX_RANGE, math.ceil(RANGE_SIGMAS * s)))
+
+    def _p(self, n_k: np.ndarray, k: int, shape: tuple[int, ...]) -> np.ndarray:
+        """Mean of p_θ(x_{k−1} | x_k) given the grid indices of x_k: [B·D] float64."""
+        xt = torch.from_numpy((n_k * self.delta[k]).reshape(shape))
+        kk = torch.full((shape[0],), k, dtype=torch.int64)
+        with torch.no_grad():
+            step = p_step(self.net, self.sched, xt, kk, self.variance)
+        return step.mean.numpy().reshape(-1)
+
+    def _q_frac(self, x_prev: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """q(x_k | x_{k−1}) as (rounded centre, fractional mean) in units of δ_k."""
+        mu = math.sqrt(1.0 - self.sched.betas[k]) * x_prev / self.delta[k]
+        c = np.rint(mu)
+        return c, mu - c
+
+    # --- pixels (k = 1) ----------------------------------------------------------------------
+
+    def _push_pixels(self, stack: Stack, u: np.ndarray, mean: np.ndarray) -> None:
+        std = math.sqrt(self.variance[1])
+        starts = list(range(0, u.size, PIXEL_CHUNK))
+        for s in reversed(starts):  # last chunk first, so the decoder pops chunk 0 first
+            stack.push_categorical(u[s:s + PIXEL_CHUNK], pixel_probs(mean[s:s + PIXEL_CHUNK], std))
+
+    def _pop_pixels(self, stack: Stack, mean: np.ndarray) -> np.ndarray:
+        std = math.sqrt(self.variance[1])
+        parts = [stack.pop_categorical(pixel_probs(mean[s:s + PIXEL_CHUNK], std))
+                 for s in range(0, mean.size, PIXEL_CHUNK)]
+        return np.concatenate(parts)
+
+    # --- one batch ---------------------------------------------------------------------------
+
+    def encode(self, stack: Stack, u8: np.ndarray, on_step: Callable[[Stack], None] | None = None) -> None:
+        """Push a batch of images, uint8 [B, C, H, W]. ``on_step(stack)`` runs after every pop
+        (where the stack is lowest), e.g. to track the initial bits."""
+        shape = u8.shape
+        u = u8.reshape(-1).astype(np.int64)
+        x_prev = u * (2.0 / 255.0) - 1.0  # x_0
+        n_prev = None
+        for k in range(1, self.K + 1):
+            c, frac = self._q_frac(x_prev, k)
+            n_k = c + stack.pop_gaussian_bounded(frac, self._q_std(), self._q_range())
+            if on_step:
+                on_step(stack)
+            mean = self._p(n_k, k, shape)
+            if k == 1:
+                self._push_pixels(stack, u, mean)
+            else:
+                s, R = self._p_std_range(k)
+                m = mean / self.delta[k - 1]
+                cp = np.rint(m)
+                stack.push_gaussian(n_prev - cp, m - cp, s, R)
+            x_prev, n_prev = n_k * self.delta[k], n_k
+        s, R = self._prior_std_range()
+        stack.push_gaussian(n_prev, np.zeros(n_prev.shape), s, R)
+
+    def decode(self, stack: Stack, shape: tuple[int, ...]) -> np.ndarray:
+        """Pop a batch of images of ``shape`` [B, C, H, W]; returns uint8."""
+        size = int(np.prod(shape))
+        s, R = self._prior_std_range()
+        n_k = stack.pop_gaussian(np.zeros(size), s, R)
+        for k in range(self.K, 0, -1):
+            mean = self._p(n_k, k, shape)
+            if k == 1:
+                u = self._pop_pixels(stack, mean)
+                x_prev = u * (2.0 / 255.0) - 1.0
+            else:
+                s, R = self._p_std_range(k)
+                m = mean / self.delta[k - 1]
+                cp = np.rint(m)
+                n_prev = cp + stack.pop_gaussian(m - cp, s, R)
+                x_prev = n_prev * self.delta[k - 1]
+            c, frac = self._q_frac(x_prev, k)
+            stack.push_gaussian_bounded(n_k - c, frac, self._q_std(), self._q_range())
+            n_k = n_prev if k > 1 else None
+        return u.reshape(shape).astype(np.uint8)

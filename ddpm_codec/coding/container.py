@@ -1,0 +1,87 @@
+"""The .ddpm file: magic, format version, a JSON header, the payload, checksums.
+
+    offset  size  field
+    0       4     magic b"DDPM"
+    4       2     format version (uint16, little-endian)
+    6       4     header length n (uint32)
+    10      n     header: UTF-8 JSON (mode, model id, schedule and steps, grid, shapes, tiles, coder
+                  parameters, payload length, SHA-256 of the original pixels)
+    10+n    4     CRC-32 of bytes 0 … 10+n
+    14+n    4·m   payload: m uint32 words, little-endian (m = header["payload_words"])
+    …       4     CRC-32 of the payload
+
+Everything else a reader needs is in the header; a reader refuses an unknown
+version, a bad checksum and a truncated or over-long file with a one-line reason.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = b"DDPM"
+VERSION = 1
+_FIXED = struct.Struct("<4sHI")
+
+
+class FormatError(ValueError):
+    """A file that is not a valid .ddpm file of this version; the message is one line."""
+
+
+@dataclass
+class Container:
+    header: dict
+    payload: np.ndarray  # uint32 words
+
+    def to_bytes(self) -> bytes:
+        header = dict(self.header, payload_words=int(self.payload.size))
+        hbytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        head = _FIXED.pack(MAGIC, VERSION, len(hbytes)) + hbytes
+        body = self.payload.astype("<u4").tobytes()
+        return b"".join([head, struct.pack("<I", zlib.crc32(head)), body, struct.pack("<I", zlib.crc32(body))])
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Container":
+        header = read_header(data)
+        n = _FIXED.size + header["_header_len"]
+        start = n + 4
+        words = header["payload_words"]
+        end = start + 4 * words
+        if len(data) < end + 4:
+            raise FormatError(f"truncated file: {len(data)} bytes, the header announces {end + 4}")
+        if len(data) > end + 4:
+            raise FormatError(f"{len(data) - end - 4} unexpected bytes after the payload")
+        body = data[start:end]
+        (crc,) = struct.unpack("<I", data[end:end + 4])
+        if zlib.crc32(body) != crc:
+            raise FormatError("payload checksum mismatch: the file is corrupt")
+        header.pop("_header_len")
+        return cls(header, np.frombuffer(body, dtype="<u4").astype(np.uint32))
+
+
+def read_header(data: bytes) -> dict:
+    """Check magic, version and header checksum; return the header (with ``_header_len``)."""
+    if len(data) == 0:
+        raise FormatError("empty file")
+    if len(data) < _FIXED.size or data[:4] != MAGIC:
+        raise FormatError("not a .ddpm file (bad magic number)")
+    _, version, hlen = _FIXED.unpack(data[:_FIXED.size])
+    if version != VERSION:
+        raise FormatError(f"format version {version}; this ddpm-codec reads version {VERSION}")
+    n = _FIXED.size + hlen
+    if len(data) < n + 4:
+        raise FormatError("truncated file (inside the header)")
+    (crc,) = struct.unpack("<I", data[n:n + 4])
+    if zlib.crc32(data[:n]) != crc:
+        raise FormatError("header checksum mismatch: the file is corrupt")
+    try:
+        header = json.loads(data[_FIXED.size:n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError("unreadable header") from None
+    if not isinstance(header, dict) or not isinstance(header.get("payload_words"), int) or header["payload_words"] < 0:
+        raise FormatError("header lacks the payload length")
+    header["_header_len"] = hlen
+    return header
