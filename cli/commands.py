@@ -309,15 +309,14 @@ def encode(images, out, model, K, variance, grid_bits, batch, force, as_json):
     if loaded[0][1].shape[-1] != lm.channels:
         raise InputError(f"{loaded[0][0]} has {loaded[0][1].shape[-1]} channel(s), model {lm.path.stem} takes "
                          f"{lm.channels}")
-    var = VarianceType(variance) if variance else (
-        VarianceType.CALIBRATED if lm.x0_mse is not None else VarianceType.FIXED_SMALL)
     n_units = sum(a * b for _, im in loaded for a, b in [tile_layout(*im.shape[:2], lm.image_size)])
     with tqdm(total=n_units, file=sys.stderr, unit="tile", disable=as_json and n_units < 2) as bar:
-        res = encode_lossless(loaded, lm, K or DEFAULT_STEPS, var, grid_bits, batch, progress=bar.update)
+        res = encode_lossless(loaded, lm, K or DEFAULT_STEPS, VarianceType(variance) if variance else None,
+                              grid_bits, batch, progress=bar.update)
     _write_atomic(out, res.data, force)
     summary = {"file": str(out), "bytes": len(res.data), "bits_per_dim": res.bits_per_dim,
                "initial_bits": res.initial_bits, "dims": res.dims, "images": len(loaded), "steps": K or DEFAULT_STEPS,
-               "variance": var.value, "model": lm.model_id, "seconds": res.seconds, "net_seconds": res.net_seconds}
+               "variance": res.variance, "model": lm.model_id, "seconds": res.seconds, "net_seconds": res.net_seconds}
     if as_json:
         emit_json(summary)
     else:
@@ -353,22 +352,31 @@ def decode(file, out, model, force, as_json):
     """
     from tqdm import tqdm
 
-    from ddpm_codec.codec import decode as run
+    from ddpm_codec.codec import decode as run, tile_layout
     from ddpm_codec.coding.container import read_header
 
     data = file.read_bytes()
     header = read_header(data)
-    lm = _model_for(header.get("model", "?"), model)
-    with tqdm(total=None, file=sys.stderr, unit="tile", disable=as_json) as bar:
-        res = run(data, lm, progress=bar.update)
-    if len(res.images) == 1 and (out is None or not out.is_dir()):
-        targets = [(out or file.with_suffix(".png"), res.images[0][1])]
+    names = header.get("names")
+    if not isinstance(names, list) or not names:
+        raise InputError(f"{file}: header lists no images")
+    if len(names) == 1 and (out is None or not out.is_dir()):
+        paths = [out or file.with_suffix(".png")]
     else:
         folder = out or file.with_suffix("")
-        folder.mkdir(exist_ok=True)
-        targets = [(folder / Path(name).with_suffix(".png").name, im) for name, im in res.images]
-    for path, _ in targets:
-        _check_writable(path, force)
+        paths = [folder / Path(str(name)).with_suffix(".png").name for name in names]
+    if len(set(paths)) != len(paths):
+        raise InputError(f"{file}: two images would be written to the same file name")
+    for path in paths:
+        if path.exists() and not force:
+            raise InputError(f"{path} exists; pass --force to overwrite")
+    lm = _model_for(header.get("model", "?"), model)
+    tiles = sum(a * b for hw in header.get("shapes", []) for a, b in [tile_layout(*hw, int(header.get("tile", 1)))])
+    with tqdm(total=tiles, file=sys.stderr, unit="tile", disable=as_json) as bar:
+        res = run(data, lm, progress=bar.update)
+    if len(paths) > 1:
+        paths[0].parent.mkdir(exist_ok=True)
+    targets = list(zip(paths, [im for _, im in res.images]))
     for path, im in targets:
         _write_atomic(path, _png_bytes(im), force)
     summary = {"files": [str(p) for p, _ in targets], "images": len(targets), "bits_per_dim": res.bits_per_dim,

@@ -48,6 +48,8 @@ class EncodeResult:
     initial_bits: int  # bits the chain borrowed before its first pops (inside ``data``)
     seconds: float
     net_seconds: float
+    variance: str = ""  # the VarianceType used
+    header_bytes: int = 0  # magic, version, header and checksums: everything but the payload words
 
     @property
     def bits_per_dim(self) -> float:
@@ -124,13 +126,16 @@ def encode_lossless(
     images: list[tuple[str, np.ndarray]],
     model: LoadedModel,
     steps: int | None = DEFAULT_STEPS,
-    var_type: VarianceType = VarianceType.CALIBRATED,
+    var_type: VarianceType | None = None,
     grid_bits: int = DEFAULT_GRID_BITS,
     batch: int = DEFAULT_BATCH,
     progress: Callable[[int], None] | None = None,
 ) -> EncodeResult:
-    """Encode named uint8 images [H, W, C] (C = the model's channels) into one .ddpm file."""
+    """Encode named uint8 images [H, W, C] (C = the model's channels) into one .ddpm file.
+    ``var_type`` None: the calibrated variance if the model has it, else β̃."""
     t0 = time.perf_counter()
+    if var_type is None:
+        var_type = VarianceType.CALIBRATED if model.x0_mse is not None else VarianceType.FIXED_SMALL
     size, C = model.image_size, model.channels
     for name, im in images:
         if im.ndim != 3 or im.shape[2] != C or im.dtype != np.uint8:
@@ -170,21 +175,24 @@ def encode_lossless(
         "threads": threads,
         "tile": size,
         "channels": C,
-        "images": [{"name": name, "height": int(im.shape[0]), "width": int(im.shape[1])} for name, im in images],
+        "names": [name for name, _ in images],
+        "shapes": [[int(im.shape[0]), int(im.shape[1])] for _, im in images],
         "seed_words": {"count": n_seed, "dropped": dropped},
         "pixels_sha256": pixels_digest([im for _, im in images]),
     }
     data = Container(header, payload).to_bytes()
     dims = sum(im.size for _, im in images)
     return EncodeResult(data=data, dims=dims, initial_bits=32 * (n_seed - dropped),
-                        seconds=time.perf_counter() - t0, net_seconds=timed.seconds)
+                        seconds=time.perf_counter() - t0, net_seconds=timed.seconds,
+                        header_bytes=len(data) - 4 * payload.size, variance=var_type.value)
 
 
 def info(data: bytes) -> dict:
     c = Container.from_bytes(data)
     h = c.header
-    return {"format_version": 1, "mode": h["mode"], "model": h["model"], "images": h["images"],
-            "steps": h["schedule"]["steps"], "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
+    images = [{"name": n, "height": s[0], "width": s[1]} for n, s in zip(h["names"], h["shapes"])]
+    return {"format_version": 1, "mode": h["mode"], "model": h["model"], "images": images,
+            "steps": schedule_from_spec(h["schedule"]).steps, "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
             "variance": h["variance"], "grid_bits": h["grid_bits"], "bytes": len(data),
             "payload_words": h["payload_words"], "initial_bits": 32 * (h["seed_words"]["count"] -
                                                                          h["seed_words"]["dropped"])}
@@ -205,7 +213,10 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
             raise DecodeError("the file's tile shape does not fit the model")
         sched = schedule_from_spec(h["schedule"])
         coder = ChainCoder(model.net, sched, model.variance(sched, VarianceType(h["variance"])), int(h["grid_bits"]))
-        shapes = [(int(im["height"]), int(im["width"])) for im in h["images"]]
+        shapes = [(int(a), int(b)) for a, b in h["shapes"]]
+        names = [str(n) for n in h["names"]]
+        if len(names) != len(shapes):
+            raise FormatError("header: names and shapes differ in number")
         counts = [tile_layout(hh, ww, size) for hh, ww in shapes]
         n_units = sum(a * b for a, b in counts)
         spans = _batches(n_units, int(h["batch"]))
@@ -230,8 +241,8 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         raise DecodeError("decoding did not end on the stream's initial words: the file is corrupt "
                           "or was decoded with different numerics than it was encoded with")
     images, i = [], 0
-    for meta, (hh, ww), (ny, nx) in zip(h["images"], shapes, counts):
-        images.append((meta["name"], from_units(units[i:i + ny * nx], hh, ww)))
+    for name, (hh, ww), (ny, nx) in zip(names, shapes, counts):
+        images.append((name, from_units(units[i:i + ny * nx], hh, ww)))
         i += ny * nx
     if pixels_digest([im for _, im in images]) != h["pixels_sha256"]:
         raise DecodeError("decoded pixels do not match the original's checksum; nothing was written")

@@ -112,8 +112,17 @@ class Schedule:
         return self.respace(even_steps(self.T, K))
 
     def spec(self) -> dict:
-        """A JSON-able description from which ``schedule_from_spec`` rebuilds this schedule."""
-        return {"kind": self.kind.value, "T": self.T, "steps": self.timesteps[1:].tolist()}
+        """A JSON-able description from which ``schedule_from_spec`` rebuilds this schedule:
+        ``K`` for evenly spaced steps (``even_steps``), else the explicit ``steps``."""
+        steps = self.timesteps[1:].tolist()
+        if steps == even_steps(self.T, self.K):
+            return {"kind": self.kind.value, "T": self.T, "K": self.K}
+        return {"kind": self.kind.value, "T": self.T, "steps": steps}
+
+    @property
+    def steps(self) -> list[int]:
+        """The original 1-based steps τ_1 … τ_K of this chain."""
+        return self.timesteps[1:].tolist()
 
 
 def even_steps(T: int, K: int) -> list[int]:
@@ -139,7 +148,7 @@ def make_schedule(kind: ScheduleKind, T: int = 1000) -> Schedule:
 
 def schedule_from_spec(spec: dict) -> Schedule:
     full = make_schedule(ScheduleKind(spec["kind"]), int(spec["T"]))
-    steps = spec.get("steps")
+    steps = even_steps(full.T, int(spec["K"])) if "K" in spec else spec.get("steps")
     if steps is None or list(steps) == list(range(1, full.T + 1)):
         return full
     return full.respace(steps)

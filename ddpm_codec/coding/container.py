@@ -4,8 +4,8 @@
     0       4     magic b"DDPM"
     4       2     format version (uint16, little-endian)
     6       4     header length n (uint32)
-    10      n     header: UTF-8 JSON (mode, model id, schedule and steps, grid, shapes, tiles, coder
-                  parameters, payload length, SHA-256 of the original pixels)
+    10      n     header: zlib-compressed UTF-8 JSON (mode, model id, schedule and steps, grid,
+                  names and shapes, tiles, coder parameters, payload length, SHA-256 of the pixels)
     10+n    4     CRC-32 of bytes 0 … 10+n
     14+n    4·m   payload: m uint32 words, little-endian (m = header["payload_words"])
     …       4     CRC-32 of the payload
@@ -25,6 +25,7 @@ import numpy as np
 MAGIC = b"DDPM"
 VERSION = 1
 _FIXED = struct.Struct("<4sHI")
+MAX_HEADER = 64 << 20  # decompressed header bytes a reader accepts
 
 
 class FormatError(ValueError):
@@ -38,7 +39,7 @@ class Container:
 
     def to_bytes(self) -> bytes:
         header = dict(self.header, payload_words=int(self.payload.size))
-        hbytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        hbytes = zlib.compress(json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8"), 9)
         head = _FIXED.pack(MAGIC, VERSION, len(hbytes)) + hbytes
         body = self.payload.astype("<u4").tobytes()
         return b"".join([head, struct.pack("<I", zlib.crc32(head)), body, struct.pack("<I", zlib.crc32(body))])
@@ -78,8 +79,12 @@ def read_header(data: bytes) -> dict:
     if zlib.crc32(data[:n]) != crc:
         raise FormatError("header checksum mismatch: the file is corrupt")
     try:
-        header = json.loads(data[_FIXED.size:n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        d = zlib.decompressobj()
+        raw = d.decompress(data[_FIXED.size:n], MAX_HEADER)
+        if d.unconsumed_tail or not d.eof:
+            raise FormatError("header too large or incomplete")
+        header = json.loads(raw.decode("utf-8"))
+    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError):
         raise FormatError("unreadable header") from None
     if not isinstance(header, dict) or not isinstance(header.get("payload_words"), int) or header["payload_words"] < 0:
         raise FormatError("header lacks the payload length")

@@ -1,0 +1,177 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ddpm_codec import checkpoint
+from ddpm_codec.cli.main import cli
+from ddpm_codec.codec import DecodeError, decode, encode_lossless, from_units, info, to_units
+from ddpm_codec.coding.container import FormatError
+from ddpm_codec.diffusion import VarianceType
+from conftest import tiny_images
+
+
+def run(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return checkpoint.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_checkpoint, tmp_path_factory):
+    import torch
+
+    out = tmp_path_factory.mktemp("cal") / "cal.pt"
+    return checkpoint.calibrate(tiny_checkpoint, tiny_images(16, seed=9), torch.Generator().manual_seed(0), "tiny",
+                                out=out)
+
+
+def test_tiles_round_trip():
+    im = np.random.default_rng(0).integers(0, 256, (19, 13, 3), dtype=np.uint8)
+    u = to_units(im, 8)
+    assert u.shape == (3 * 2, 3, 8, 8)
+    np.testing.assert_array_equal(from_units(u, 19, 13), im)
+
+
+@pytest.mark.parametrize("var", [VarianceType.FIXED_SMALL, VarianceType.CALIBRATED])
+def test_archive_with_a_tiled_image_round_trips(calibrated, var):
+    imgs = [(f"d{i}.png", im) for i, im in enumerate(tiny_images(5, seed=1))]
+    big = np.random.default_rng(2).integers(0, 256, (11, 17, 1), dtype=np.uint8)
+    imgs.append(("big.png", big))
+    res = encode_lossless(imgs, calibrated, steps=20, var_type=var, batch=4)
+    out = decode(res.data, calibrated)
+    assert [n for n, _ in out.images] == [n for n, _ in imgs]
+    for (_, a), (_, b) in zip(imgs, out.images):
+        np.testing.assert_array_equal(a, b)
+    assert 0 < res.initial_bits < 8 * len(res.data)
+    i = info(res.data)
+    assert i["format_version"] == 1 and i["mode"] == "lossless" and len(i["steps"]) == 20
+    assert i["model"] == calibrated.model_id and [m["name"] for m in i["images"]][-1] == "big.png"
+
+
+def test_rate_approaches_the_bound_for_many_images(calibrated):
+    """Coded bits (minus initial bits) against the bound of the same chain, on one batch chain."""
+    import torch
+
+    from ddpm_codec.data import to_model_space
+    from ddpm_codec.likelihood import bound_full
+
+    imgs = tiny_images(64, seed=4)
+    res = encode_lossless([(f"{i}", im) for i, im in enumerate(imgs)], calibrated, steps=20,
+                          var_type=VarianceType.CALIBRATED, batch=16)
+    sched = calibrated.schedule.respace_to(20)
+    b = bound_full(calibrated.net, sched, to_model_space(imgs), torch.Generator().manual_seed(0),
+                   calibrated.variance(sched, VarianceType.CALIBRATED)).total.mean().item()
+    net = (8 * (len(res.data) - res.header_bytes) - res.initial_bits) / res.dims
+    assert net == pytest.approx(b, rel=0.05), (net, b)
+
+
+def test_decoder_in_another_process_with_other_threads(calibrated, tmp_path):
+    imgs = [(f"d{i}.png", im) for i, im in enumerate(tiny_images(3, seed=6))]
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        res = encode_lossless(imgs, calibrated, steps=10, batch=2)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    f = tmp_path / "x.ddpm"
+    f.write_bytes(res.data)
+    r = subprocess.run([sys.executable, "-c", "from ddpm_codec.cli.main import main; main()", "--threads", "2", "decode", str(f),
+                        "--model", str(calibrated.path), "-o", str(tmp_path / "out"), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name, im in imgs:
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / name))[..., None], im)
+
+
+def test_corrupt_files_are_refused(model):
+    res = encode_lossless([("a.png", tiny_images(1)[0])], model, steps=5)
+    data = res.data
+    with pytest.raises(FormatError, match="empty"):
+        decode(b"", model)
+    with pytest.raises(FormatError, match="magic"):
+        decode(b"GIF89a" + data[6:], model)
+    with pytest.raises(FormatError, match="version"):
+        decode(data[:4] + (2).to_bytes(2, "little") + data[6:], model)
+    with pytest.raises(FormatError, match="truncated"):
+        decode(data[:-9], model)
+    with pytest.raises(FormatError, match="checksum"):
+        decode(data[:-8] + bytes([data[-8] ^ 1]) + data[-7:], model)
+
+
+def test_fuzzed_files_never_decode_wrong(model):
+    """Random mutations: each is refused with a ValueError subclass or decodes to the original."""
+    orig = tiny_images(2, seed=3)
+    res = encode_lossless([(f"{i}", im) for i, im in enumerate(orig)], model, steps=5)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        data = bytearray(res.data)
+        kind = rng.integers(3)
+        if kind == 0:
+            for _ in range(rng.integers(1, 4)):
+                data[rng.integers(len(data))] ^= 1 << int(rng.integers(8))
+        elif kind == 1:
+            data = data[: rng.integers(len(data))]
+        else:
+            pos = rng.integers(len(data))
+            data[pos:pos] = rng.integers(0, 256, rng.integers(1, 9), dtype=np.uint8).tobytes()
+        try:
+            out = decode(bytes(data), model)
+        except (FormatError, DecodeError, ValueError):
+            continue
+        for (_, a), b in zip(out.images, orig):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_other_model_is_refused(model, calibrated):
+    res = encode_lossless([("a.png", tiny_images(1)[0])], model, steps=5)
+    with pytest.raises(DecodeError, match="made with model"):
+        decode(res.data, calibrated)
+
+
+def test_cli_round_trip_and_bad_input(tiny_checkpoint, tmp_path):
+    for i, im in enumerate(tiny_images(2, seed=8)):
+        Image.fromarray(im[..., 0]).save(tmp_path / f"d{i}.png")
+    a = str(tmp_path / "a.ddpm")
+    m = ["--model", str(tiny_checkpoint)]
+    r = run(["encode", str(tmp_path / "d0.png"), str(tmp_path / "d1.png"), "-o", a, "--steps", "5", "--json", *m])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["bytes"] == os.path.getsize(a) and out["bits_per_dim"] == pytest.approx(8 * out["bytes"] / 128)
+    assert 0 < out["initial_bits"] <= 8 * out["bytes"]
+    i = json.loads(run(["info", a, "--json"]).stdout)
+    assert i["format_version"] == 1 and i["mode"] == "lossless" and len(i["steps"]) == 5
+    r = run(["decode", a, "-o", str(tmp_path / "out"), "--json", *m])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["images"] == 2
+    for n in ["d0.png", "d1.png"]:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / n)), np.asarray(Image.open(tmp_path / n)))
+    (tmp_path / "junk.ddpm").write_bytes(b"\x00" * 50)
+    (tmp_path / "empty.ddpm").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "rgb.png")
+    cases = [
+        ["encode", str(tmp_path / "d0.png"), "-o", a, *m],  # exists, no --force
+        ["encode", str(tmp_path / "text.png"), "-o", str(tmp_path / "t.ddpm"), *m],
+        ["encode", str(tmp_path / "rgb.png"), "-o", str(tmp_path / "r.ddpm"), *m],
+        ["encode", str(tmp_path / "d0.png"), "-o", str(tmp_path / "nodir" / "x.ddpm"), *m],
+        ["decode", str(tmp_path / "junk.ddpm"), *m],
+        ["decode", str(tmp_path / "empty.ddpm"), *m],
+        ["decode", a, "-o", str(tmp_path / "out"), *m],  # outputs exist
+        ["info", str(tmp_path / "junk.ddpm")],
+        ["decode", a],  # the tiny model is not shipped
+    ]
+    for args in cases:
+        r = run(args)
+        assert r.exit_code == 2, (args, r.output)
+        assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert not (tmp_path / "t.ddpm").exists() and not (tmp_path / "r.ddpm").exists()
