@@ -31,8 +31,11 @@ SOURCES_HELP = ("mnist[:train|valid|test], fashion-mnist[:train|test], cifar10:P
 @click.option("--crop", type=int, default=32, show_default=True, help="Crop size for photo sources.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-every", type=float, default=3.0, show_default=True, help="Minutes between checkpoints.")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="At the end, measure the x̂_0 error per step on 64 training images (see `calibrate`).")
 @user_errors
-def train(data, size, minutes, steps, out, schedule, T, batch, lr, ema, dropout, crop, seed, checkpoint_every):
+def train(data, size, minutes, steps, out, schedule, T, batch, lr, ema, dropout, crop, seed, checkpoint_every,
+          calibrate):
     """Train an ε-network with L_simple (Algorithm 1).
 
     Adam with warm-up, EMA of the weights, gradient clipping. A checkpoint is
@@ -55,6 +58,24 @@ def train(data, size, minutes, steps, out, schedule, T, batch, lr, ema, dropout,
                       steps=steps, checkpoint_every_s=checkpoint_every * 60)
     meta = run(cfg, net_cfg, sched, source, out)
     click.echo(f"trained {meta['step']} steps in {meta['elapsed_s'] / 60:.1f} min -> {out}", err=True)
+    if calibrate:
+        _calibrate(out, source, 64, seed)
+
+
+def _calibrate(path: Path, source, n: int, seed: int) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from ddpm_codec import checkpoint
+
+    rng = np.random.default_rng(seed + 1)
+    images = source.take(n, rng) if not hasattr(source, "images") else source.images[
+        rng.choice(len(source.images), min(n, len(source.images)), replace=False)]
+    T = checkpoint.load(path).schedule.T
+    with tqdm(total=T * len(images), file=sys.stderr, unit="img·step", unit_scale=True, desc="calibrate") as bar:
+        new = checkpoint.calibrate(path, images, torch.Generator().manual_seed(seed), source.name,
+                                   progress=bar.update)
+    click.echo(f"calibrated {path} on {len(images)} images of {source.name}; model id {new.model_id}", err=True)
 
 
 @cli.command()
@@ -70,21 +91,11 @@ def calibrate(checkpoint_path, data, n, seed):
     optimum of Analytic-DPM, which tightens the bound and lets the bits-back
     coder reach it. Costs T network calls on a batch of N images.
     """
-    import torch
-    from tqdm import tqdm
-
     from ddpm_codec import checkpoint
     from ddpm_codec.data import load_source
 
     lm = checkpoint.load(checkpoint_path)
-    src = load_source(data, "train", crop=lm.image_size, channels=lm.channels)
-    images = src.take(None, np.random.default_rng(seed)) if hasattr(src, "images") else src.take(n)
-    images = np.random.default_rng(seed).permutation(images)[:n] if len(images) > n else images
-    with tqdm(total=lm.schedule.T * len(images), file=sys.stderr, unit="img·step", unit_scale=True) as bar:
-        new = checkpoint.calibrate(checkpoint_path, images, torch.Generator().manual_seed(seed), src.name,
-                                   progress=bar.update)
-    click.echo(f"calibrated {checkpoint_path} on {len(images)} images of {src.name}; model id {new.model_id}",
-               err=True)
+    _calibrate(checkpoint_path, load_source(data, "train", crop=lm.image_size, channels=lm.channels), n, seed)
 
 
 def _is_image_path(s: str) -> bool:
@@ -403,3 +414,42 @@ def info(file, as_json):
         click.echo(f"{file}: .ddpm version {i['format_version']}, {i['mode']}, model {i['model']}, "
                    f"{len(i['images'])} image(s), {len(i['steps'])} steps ({i['schedule']}, T = {i['T']}), "
                    f"σ² {i['variance']}, {i['bytes']} bytes (initial bits {i['initial_bits']})")
+
+
+@bench.command("codec")
+@click.option("--model", default=None, help="Model (default: the shipped grey model).")
+@click.option("--data", default="mnist:test", show_default=True, help="Source of the images.")
+@click.option("--n", type=click.IntRange(min=1), default=100, show_default=True, help="Images from the source.")
+@click.option("--image", "image_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Image files instead of a source (e.g. a photo coded through tiles).")
+@click.option("--steps", "Ks", default="100", show_default=True, help="Comma-separated K values to measure.")
+@click.option("--grid-bits", "grids", default="2", show_default=True, help="Comma-separated b values.")
+@click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated"]), default=None)
+@click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--no-bound", is_flag=True, help="Skip the bound of the same chain (saves K network calls/image).")
+@user_errors
+def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_bound):
+    """Coded bits/dim against the bound of the same K-step chain, initial bits, and time
+    (encode and decode, network and coder apart, and the network alone). JSON lines."""
+    from ddpm_codec import checkpoint
+    from ddpm_codec.data import load_image, load_source
+    from ddpm_codec.diffusion import VarianceType
+    from ddpm_codec.eval.bench_codec import bench_images
+
+    if image_files:
+        images = [(p.name, load_image(p)) for p in image_files]
+        lm = checkpoint.resolve(model, images[0][1].shape[-1])
+    else:
+        lm = checkpoint.resolve(model, 1 if data.split(":")[0] in ("mnist", "fashion-mnist") else 3)
+        src = load_source(data, "test", crop=lm.image_size, channels=lm.channels)
+        images = [(f"{i}.png", im) for i, im in enumerate(src.take(n))]
+    for K in [int(k) for k in Ks.split(",")]:
+        for b in [int(g) for g in grids.split(",")]:
+            r = bench_images(lm, images, K, VarianceType(variance) if variance else None, b, batch, not no_bound)
+            r["model"] = lm.model_id
+            click.echo(f"K={K} b={b}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
+                       + (f", bound {r['bound_bits_per_dim']:.4f} (×{r['net_over_bound']:.3f})" if "bound_bits_per_dim" in r else "")
+                       + f", initial {r['initial_bits_per_dim']:.3f} bpd, encode {r['encode_s']:.1f}s "
+                       f"(network alone {r['network_only_s']:.1f}s), decode {r['decode_s']:.1f}s, exact {r['exact']}",
+                       err=True)
+            emit_json(r)

@@ -150,3 +150,16 @@ def calibrate(path: str | os.PathLike, images_u8: np.ndarray, gen: torch.Generat
     ck["calibration"] = {"x0_mse": e.tolist(), "n_images": int(len(images_u8)), "source": source}
     save(out or path, {k: v for k, v in ck.items() if k not in ("format", "version")})
     return load(out or path)
+
+
+def export(src: str | os.PathLike, dst: str | os.PathLike) -> LoadedModel:
+    """A shippable copy of a checkpoint: EMA weights, config, schedule, calibration and training
+    metadata; no raw weights, optimizer or RNG state (so it cannot be resumed). Same model id."""
+    ck = read(src)
+    keep = {k: ck[k] for k in ("net_config", "schedule", "ema", "train", "calibration") if k in ck}
+    keep["train"] = {k: v for k, v in keep.get("train", {}).items() if k != "losses"}
+    save(dst, keep)
+    out = load(dst)
+    if out.model_id != load(src).model_id:  # pragma: no cover - a bug, never a user error
+        raise AssertionError("export changed the model id")
+    return out

@@ -1,0 +1,56 @@
+"""Codec benchmark (not a test): coded rate against the bound of the same chain, and time."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ddpm_codec.checkpoint import LoadedModel
+from ddpm_codec.codec import decode, encode_lossless, to_units
+from ddpm_codec.data import to_model_space
+from ddpm_codec.diffusion import VarianceType, net_timesteps
+from ddpm_codec.likelihood import bound_full
+
+
+def network_only_seconds(model: LoadedModel, units: np.ndarray, K: int, batch: int) -> float:
+    """The network alone over the same batches and steps the coder runs (random inputs)."""
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for a in range(0, len(units), batch):
+            x = torch.randn((min(batch, len(units) - a), *units.shape[1:]), generator=gen)
+            for k in range(K, 0, -1):
+                model.net(x, torch.full((x.shape[0],), float(k)))
+    return time.perf_counter() - t0
+
+
+def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: int,
+                 var_type: VarianceType | None, grid_bits: int, batch: int, with_bound: bool = True) -> dict:
+    res = encode_lossless(images, model, K, var_type, grid_bits, batch)
+    t0 = time.perf_counter()
+    dec = decode(res.data, model)
+    dec_s = time.perf_counter() - t0
+    exact = all(np.array_equal(a, b) for (_, a), (_, b) in zip(images, dec.images))
+    units = np.concatenate([to_units(im, model.image_size) for _, im in images])
+    net_only = network_only_seconds(model, units, K, batch)
+    payload_bits = 8 * (len(res.data) - res.header_bytes) - res.initial_bits
+    out = {
+        "images": len(images), "dims": res.dims, "steps": K, "variance": res.variance, "grid_bits": grid_bits,
+        "batch": batch, "bytes": len(res.data), "bits_per_dim": res.bits_per_dim,
+        "initial_bits": res.initial_bits, "initial_bits_per_dim": res.initial_bits / res.dims,
+        "header_bytes": res.header_bytes, "net_bits_per_dim": payload_bits / res.dims, "exact": exact,
+        "encode_s": res.seconds, "encode_network_s": res.net_seconds, "encode_coder_s": res.seconds - res.net_seconds,
+        "decode_s": dec_s, "network_only_s": net_only, "encode_over_network_only": res.seconds / net_only,
+    }
+    if with_bound and all(im.shape[:2] == (model.image_size, model.image_size) for _, im in images):
+        sched = model.schedule.respace_to(K)
+        x0 = to_model_space(np.stack([im for _, im in images]))
+        var = model.variance(sched, VarianceType(res.variance))
+        with torch.no_grad():
+            b = torch.cat([bound_full(model.net, sched, x0[i:i + batch], torch.Generator().manual_seed(i), var).total
+                           for i in range(0, len(x0), batch)])
+        out["bound_bits_per_dim"] = float(b.mean())
+        out["net_over_bound"] = out["net_bits_per_dim"] / out["bound_bits_per_dim"]
+        out["coded_over_bound"] = out["bits_per_dim"] / out["bound_bits_per_dim"]
+    return out
