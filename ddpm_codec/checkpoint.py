@@ -79,6 +79,7 @@ def save(path: str | os.PathLike, payload: dict) -> None:
     os.close(fd)
     try:
         torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -118,8 +118,25 @@ class _TimedNet:
         return out
 
 
-def _batches(n: int, batch: int) -> list[tuple[int, int]]:
-    return [(i, min(n, i + batch)) for i in range(0, n, batch)]
+RAMP = 1.25  # growth of the first batches: a batch may borrow only what the ones before it paid in
+
+
+def batch_sizes(n: int, batch: int, first: int = 1) -> list[int]:
+    """Units per network batch. The first pop of a batch borrows ≈ 7 bits per dimension (b = 2),
+    which must already be on the stack or be paid as initial bits; so batches start at ``first``
+    and grow by ``RAMP`` up to ``batch``: the initial bits are those of one small batch."""
+    sizes, done, size = [], 0, max(1, min(first, batch))
+    while done < n:
+        s = min(size, n - done)
+        sizes.append(s)
+        done += s
+        size = min(batch, max(size + 1, int(size * RAMP)))
+    return sizes
+
+
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    ends = np.cumsum(sizes).tolist()
+    return [(e - s, e) for s, e in zip(sizes, ends)]
 
 
 def encode_lossless(
@@ -130,6 +147,7 @@ def encode_lossless(
     grid_bits: int = DEFAULT_GRID_BITS,
     batch: int = DEFAULT_BATCH,
     progress: Callable[[int], None] | None = None,
+    first_batch: int = 1,
 ) -> EncodeResult:
     """Encode named uint8 images [H, W, C] (C = the model's channels) into one .ddpm file.
     ``var_type`` None: the calibrated variance if the model has it, else β̃."""
@@ -145,8 +163,9 @@ def encode_lossless(
     timed = _TimedNet(model.net)
     coder = ChainCoder(timed, sched, model.variance(sched, var_type), grid_bits)
     threads = torch.get_num_threads()
-    spans = _batches(len(units), batch)
-    first = (spans[0][1] - spans[0][0]) * units[0].size
+    sizes = batch_sizes(len(units), batch, first_batch)
+    spans = _spans(sizes)
+    first = sizes[0] * units[0].size
     n_seed = first * 12 // 32 + 64
     while True:
         seeds = seed_words(n_seed)
@@ -171,7 +190,7 @@ def encode_lossless(
         "schedule": sched.spec(),
         "variance": var_type.value,
         "grid_bits": grid_bits,
-        "batch": batch,
+        "batches": sizes,
         "threads": threads,
         "tile": size,
         "channels": C,
@@ -219,7 +238,10 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
             raise FormatError("header: names and shapes differ in number")
         counts = [tile_layout(hh, ww, size) for hh, ww in shapes]
         n_units = sum(a * b for a, b in counts)
-        spans = _batches(n_units, int(h["batch"]))
+        sizes = [int(v) for v in h["batches"]]
+        if sum(sizes) != n_units or min(sizes) < 1:
+            raise FormatError("header: batch sizes do not add up to the tiles")
+        spans = _spans(sizes)
         seeds = seed_words(int(h["seed_words"]["count"]))
         dropped = int(h["seed_words"]["dropped"])
         threads = int(h["threads"])

@@ -7,19 +7,19 @@ import numpy as np
 import torch
 
 from ddpm_codec.checkpoint import LoadedModel
-from ddpm_codec.codec import decode, encode_lossless, to_units
+from ddpm_codec.codec import batch_sizes, decode, encode_lossless, to_units
 from ddpm_codec.data import to_model_space
 from ddpm_codec.diffusion import VarianceType, net_timesteps
 from ddpm_codec.likelihood import bound_full
 
 
-def network_only_seconds(model: LoadedModel, units: np.ndarray, K: int, batch: int) -> float:
+def network_only_seconds(model: LoadedModel, units: np.ndarray, K: int, sizes: list[int]) -> float:
     """The network alone over the same batches and steps the coder runs (random inputs)."""
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     with torch.no_grad():
-        for a in range(0, len(units), batch):
-            x = torch.randn((min(batch, len(units) - a), *units.shape[1:]), generator=gen)
+        for size in sizes:
+            x = torch.randn((size, *units.shape[1:]), generator=gen)
             for k in range(K, 0, -1):
                 model.net(x, torch.full((x.shape[0],), float(k)))
     return time.perf_counter() - t0
@@ -33,7 +33,7 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
     dec_s = time.perf_counter() - t0
     exact = all(np.array_equal(a, b) for (_, a), (_, b) in zip(images, dec.images))
     units = np.concatenate([to_units(im, model.image_size) for _, im in images])
-    net_only = network_only_seconds(model, units, K, batch)
+    net_only = network_only_seconds(model, units, K, batch_sizes(len(units), batch))
     payload_bits = 8 * (len(res.data) - res.header_bytes) - res.initial_bits
     out = {
         "images": len(images), "dims": res.dims, "steps": K, "variance": res.variance, "grid_bits": grid_bits,
@@ -43,6 +43,9 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
         "encode_s": res.seconds, "encode_network_s": res.net_seconds, "encode_coder_s": res.seconds - res.net_seconds,
         "decode_s": dec_s, "network_only_s": net_only, "encode_over_network_only": res.seconds / net_only,
     }
+    from .baselines import lossless_table
+
+    out["classic_one_file_per_image"] = lossless_table([im for _, im in images])
     if with_bound and all(im.shape[:2] == (model.image_size, model.image_size) for _, im in images):
         sched = model.schedule.respace_to(K)
         x0 = to_model_space(np.stack([im for _, im in images]))

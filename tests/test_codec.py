@@ -175,3 +175,16 @@ def test_cli_round_trip_and_bad_input(tiny_checkpoint, tmp_path):
         assert r.exit_code == 2, (args, r.output)
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert not (tmp_path / "t.ddpm").exists() and not (tmp_path / "r.ddpm").exists()
+
+
+def test_batch_ramp_pays_initial_bits_for_a_small_batch_only(model):
+    from ddpm_codec.codec import batch_sizes
+
+    sizes = batch_sizes(1000, 100)
+    assert sum(sizes) == 1000 and sizes[0] == 1 and max(sizes) == 100
+    assert all(b >= a for a, b in zip(sizes, sizes[1:-1]))
+    imgs = [(f"{i}", im) for i, im in enumerate(tiny_images(40, seed=11))]
+    ramp = encode_lossless(imgs, model, steps=5, batch=16)
+    flat = encode_lossless(imgs, model, steps=5, batch=16, first_batch=16)
+    assert ramp.initial_bits < 0.5 * flat.initial_bits
+    assert [im for _, im in decode(ramp.data, model).images][-1].tobytes() == imgs[-1][1].tobytes()

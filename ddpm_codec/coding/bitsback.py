@@ -40,9 +40,9 @@ def pixel_probs(mean: np.ndarray, std: float) -> np.ndarray:
     levels = np.arange(256, dtype=np.float64) * (2.0 / 255.0) - 1.0
     edges = np.concatenate([[-np.inf], levels[:-1] + 1.0 / 255.0, [np.inf]])
     z = (edges[None, :] - mean[:, None]) / std  # [n, 257]
-    lo, hi = z[:, :-1], z[:, 1:]
-    upper = lo > 0  # right of the mean: use the upper tail, where ndtr(−z) keeps precision
-    p = np.where(upper, ndtr(-lo) - ndtr(-hi), ndtr(hi) - ndtr(lo))
+    lower, upper = ndtr(z), ndtr(-z)  # Φ(z) and 1 − Φ(z), each exact in its own tail
+    right = z[:, :-1] > 0  # bins right of the mean: differences of the upper tail keep precision
+    p = np.where(right, upper[:, :-1] - upper[:, 1:], lower[:, 1:] - lower[:, :-1])
     assert p.shape == (mean.shape[0], 256)
     return p
 
