@@ -109,27 +109,14 @@ def test_corrupt_files_are_refused(model):
 
 
 def test_fuzzed_files_never_decode_wrong(model):
-    """Random mutations: each is refused with a ValueError subclass or decodes to the original."""
+    """Random mutations: each is refused with a clear error or decodes to the original
+    (a longer run: `ddpm-codec bench fuzz`)."""
+    from ddpm_codec.eval.fuzz import fuzz
+
     orig = tiny_images(2, seed=3)
     res = encode_lossless([(f"{i}", im) for i, im in enumerate(orig)], model, steps=5)
-    rng = np.random.default_rng(0)
-    for _ in range(40):
-        data = bytearray(res.data)
-        kind = rng.integers(3)
-        if kind == 0:
-            for _ in range(rng.integers(1, 4)):
-                data[rng.integers(len(data))] ^= 1 << int(rng.integers(8))
-        elif kind == 1:
-            data = data[: rng.integers(len(data))]
-        else:
-            pos = rng.integers(len(data))
-            data[pos:pos] = rng.integers(0, 256, rng.integers(1, 9), dtype=np.uint8).tobytes()
-        try:
-            out = decode(bytes(data), model)
-        except (FormatError, DecodeError, ValueError):
-            continue
-        for (_, a), b in zip(out.images, orig):
-            np.testing.assert_array_equal(a, b)
+    r = fuzz(res.data, list(orig), model, n=40)
+    assert r["refused"] + r["decoded_exactly"] == 40 and r["refused"] > 30
 
 
 def test_other_model_is_refused(model, calibrated):
