@@ -261,6 +261,8 @@ def load_skimage_photo(name: str) -> np.ndarray:
     except ImportError:
         raise DataError("the photos source needs scikit-image: pip install 'ddpm-codec[photos]'") from None
     a = getattr(skimage.data, name)()
+    if isinstance(a, tuple):  # stereo_motorcycle: (left, right, disparity)
+        a = a[0]
     a = np.asarray(a)
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255

@@ -111,3 +111,15 @@ def test_folder_source_crops(tmp_path):
 def test_unknown_source():
     with pytest.raises(DataError, match="unknown data source"):
         load_source("imagenet")
+
+
+def test_photos_source_keeps_the_heldout_photos_out():
+    pytest.importorskip("skimage")
+    from ddpm_codec.data import HELDOUT_PHOTOS
+
+    train = load_source("photos:train", crop=32, channels=3)
+    held = load_source("photos:heldout", crop=32, channels=3)
+    assert len(train.photos) >= 5 and len(held.photos) == 2  # astronaut and coffee are RGB; camera is grey
+    assert not any(np.array_equal(a, b) for a in train.photos for b in held.photos)
+    assert "astronaut" in HELDOUT_PHOTOS
+    assert train.sample(np.random.default_rng(0), 3).shape == (3, 32, 32, 3)
