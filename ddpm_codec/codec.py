@@ -13,7 +13,7 @@ import enum
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .checkpoint import LoadedModel
 from .coding.bitsback import ChainCoder
-from .coding.container import Container, FormatError
+from .coding.container import VERSION, Container, FormatError
 from .coding.entropy import Stack
 from .diffusion import VarianceType
 from .schedule import schedule_from_spec
@@ -212,7 +212,7 @@ def info(data: bytes) -> dict:
     c = Container.from_bytes(data)
     h = c.header
     images = [{"name": n, "height": s[0], "width": s[1]} for n, s in zip(h["names"], h["shapes"])]
-    return {"format_version": 1, "mode": h["mode"], "model": h["model"], "images": images,
+    return {"format_version": VERSION, "mode": h["mode"], "model": h["model"], "images": images,
             "steps": schedule_from_spec(h["schedule"]).steps, "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
             "variance": h["variance"], "grid_bits": h["grid_bits"], "bytes": len(data),
             "payload_words": h["payload_words"], "initial_bits": 32 * (h["seed_words"]["count"] -

@@ -9,7 +9,7 @@ import torch
 from ddpm_codec.checkpoint import LoadedModel
 from ddpm_codec.codec import batch_sizes, decode, encode_lossless, to_units
 from ddpm_codec.data import to_model_space
-from ddpm_codec.diffusion import VarianceType, net_timesteps
+from ddpm_codec.diffusion import VarianceType
 from ddpm_codec.likelihood import bound_full
 
 
