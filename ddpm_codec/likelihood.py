@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -124,30 +124,36 @@ def x0_mse_per_step(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.G
     return e
 
 
+def _bound(
+    net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator, variance: np.ndarray | None,
+    clip: bool, progress: Callable[[int], None] | None,
+    draws: Callable[[int], Iterator[tuple[torch.Tensor, float]]],
+) -> BoundTerms:
+    """L_T plus Σ weight·L_{k−1} over the (steps [B], weight) pairs ``draws(B)`` yields; bits/dim [B]."""
+    x0 = x0.to(torch.float64)
+    variance = model_variance(sched, VarianceType.FIXED_SMALL) if variance is None else variance
+    B = x0.shape[0]
+    diffusion = torch.zeros(B, dtype=torch.float64)
+    decoder = torch.zeros(B, dtype=torch.float64)
+    for k, weight in draws(B):  # lazily: each k is drawn just before its noise
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+        term = step_term(net, sched, x0, k, noise, variance, clip) * weight
+        decoder += torch.where(k == 1, term, 0.0)
+        diffusion += torch.where(k == 1, 0.0, term)
+        if progress:
+            progress(B)
+    to_bpd = 1.0 / (x0[0].numel() * LN2)
+    return BoundTerms(prior_term(sched, x0) * to_bpd, diffusion * to_bpd, decoder * to_bpd)
+
+
 def bound_full(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator,
     variance: np.ndarray | None = None, clip: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> BoundTerms:
     """The bound of the K-step chain, every term evaluated (K network calls per image); bits/dim [B]."""
-    x0 = x0.to(torch.float64)
-    variance = model_variance(sched, VarianceType.FIXED_SMALL) if variance is None else variance
-    B = x0.shape[0]
-    dims = x0[0].numel()
-    diffusion = torch.zeros(B, dtype=torch.float64)
-    decoder = torch.zeros(B, dtype=torch.float64)
-    for step in range(sched.K, 0, -1):
-        k = torch.full((B,), step, dtype=torch.int64)
-        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-        term = step_term(net, sched, x0, k, noise, variance, clip)
-        if step == 1:
-            decoder += term
-        else:
-            diffusion += term
-        if progress:
-            progress(B)
-    to_bpd = 1.0 / (dims * LN2)
-    return BoundTerms(prior_term(sched, x0) * to_bpd, diffusion * to_bpd, decoder * to_bpd)
+    return _bound(net, sched, x0, gen, variance, clip, progress,
+                  lambda B: ((torch.full((B,), step, dtype=torch.int64), 1.0) for step in range(sched.K, 0, -1)))
 
 
 def bound_mc(
@@ -157,19 +163,6 @@ def bound_mc(
 ) -> BoundTerms:
     """An unbiased estimate of the bound: L_T + K·L_{k−1} with k ~ U{1..K}, averaged over
     ``samples`` draws per image (``samples`` network calls per image); bits/dim [B]."""
-    x0 = x0.to(torch.float64)
-    variance = model_variance(sched, VarianceType.FIXED_SMALL) if variance is None else variance
-    B = x0.shape[0]
-    dims = x0[0].numel()
-    diffusion = torch.zeros(B, dtype=torch.float64)
-    decoder = torch.zeros(B, dtype=torch.float64)
-    for _ in range(samples):
-        k = torch.randint(1, sched.K + 1, (B,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-        term = step_term(net, sched, x0, k, noise, variance, clip) * sched.K / samples
-        decoder += torch.where(k == 1, term, 0.0)
-        diffusion += torch.where(k == 1, 0.0, term)
-        if progress:
-            progress(B)
-    to_bpd = 1.0 / (dims * LN2)
-    return BoundTerms(prior_term(sched, x0) * to_bpd, diffusion * to_bpd, decoder * to_bpd)
+    return _bound(net, sched, x0, gen, variance, clip, progress,
+                  lambda B: ((torch.randint(1, sched.K + 1, (B,), generator=gen), sched.K / samples)
+                             for _ in range(samples)))
