@@ -167,8 +167,7 @@ def nll(inputs, model, K, n, method, samples, variance, batch, seed, as_json):
         raise InputError(f"images are {h}×{w}×{c} but model {lm.path.name} takes "
                          f"{lm.image_size}×{lm.image_size}×{lm.channels}")
     sched = lm.schedule if K is None or K == lm.schedule.T else lm.schedule.respace_to(K)
-    var = VarianceType(variance) if variance else (
-        VarianceType.CALIBRATED if lm.x0_mse is not None else VarianceType.FIXED_SMALL)
+    var = VarianceType(variance) if variance else lm.default_variance()
     try:
         res = dataset_nll(lm, images, sched, torch.Generator().manual_seed(seed), BoundMethod(method),
                           var, batch=batch, samples=samples)
@@ -201,7 +200,7 @@ def sample(model, n, out, K, method, eta, variance, seed, force):
     from tqdm import tqdm
 
     from ddpm_codec import checkpoint
-    from ddpm_codec.data import image_grid, save_image, to_uint8
+    from ddpm_codec.data import image_grid, to_uint8
     from ddpm_codec.diffusion import VarianceType, ddim_sample, sample as ancestral
 
     _check_writable(out, force)
@@ -214,9 +213,7 @@ def sample(model, n, out, K, method, eta, variance, seed, force):
             x = ancestral(lm.net, sched, shape, gen, lm.variance(sched, VarianceType(variance)), progress=bar.update)
         else:
             x = ddim_sample(lm.net, sched, shape, gen, eta, progress=bar.update)
-    tmp = out.with_name(out.name + ".tmp.png")
-    save_image(image_grid(to_uint8(x)), tmp)
-    tmp.replace(out)
+    _write_atomic(out, _png_bytes(image_grid(to_uint8(x))), force)
     click.echo(f"{n} samples ({method}, K = {sched.K}) -> {out}", err=True)
 
 
@@ -302,7 +299,7 @@ def encode(images, out, model, K, variance, grid_bits, batch, force, as_json):
     from tqdm import tqdm
 
     from ddpm_codec import checkpoint
-    from ddpm_codec.codec import DEFAULT_STEPS, encode_lossless, tile_layout
+    from ddpm_codec.codec import DEFAULT_STEPS, count_tiles, encode_lossless
     from ddpm_codec.data import load_image
     from ddpm_codec.diffusion import VarianceType
 
@@ -322,7 +319,7 @@ def encode(images, out, model, K, variance, grid_bits, batch, force, as_json):
     if loaded[0][1].shape[-1] != lm.channels:
         raise InputError(f"{loaded[0][0]} has {loaded[0][1].shape[-1]} channel(s), model {lm.path.stem} takes "
                          f"{lm.channels}")
-    n_units = sum(a * b for _, im in loaded for a, b in [tile_layout(*im.shape[:2], lm.image_size)])
+    n_units = count_tiles([im.shape[:2] for _, im in loaded], lm.image_size)
     with tqdm(total=n_units, file=sys.stderr, unit="tile", disable=as_json and n_units < 2) as bar:
         res = encode_lossless(loaded, lm, K or DEFAULT_STEPS, VarianceType(variance) if variance else None,
                               grid_bits, batch, progress=bar.update)
@@ -365,7 +362,7 @@ def decode(file, out, model, force, as_json):
     """
     from tqdm import tqdm
 
-    from ddpm_codec.codec import decode as run, tile_layout
+    from ddpm_codec.codec import count_tiles, decode as run
     from ddpm_codec.coding.container import read_header
 
     data = file.read_bytes()
@@ -384,7 +381,7 @@ def decode(file, out, model, force, as_json):
         if path.exists() and not force:
             raise InputError(f"{path} exists; pass --force to overwrite")
     lm = _model_for(header.get("model", "?"), model)
-    tiles = sum(a * b for hw in header.get("shapes", []) for a, b in [tile_layout(*hw, int(header.get("tile", 1)))])
+    tiles = count_tiles([tuple(hw) for hw in header.get("shapes", [])], int(header.get("tile", 1)))
     with tqdm(total=tiles, file=sys.stderr, unit="tile", disable=as_json) as bar:
         res = run(data, lm, progress=bar.update)
     if len(paths) > 1:

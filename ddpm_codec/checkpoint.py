@@ -56,6 +56,10 @@ class LoadedModel:
     train: dict = field(default_factory=dict)
     x0_mse: np.ndarray | None = None  # e(t), t = 0 … T: see VarianceType.CALIBRATED
 
+    def default_variance(self) -> VarianceType:
+        """The calibrated variance when the model has a calibration, else β̃ (the coder's and nll's default)."""
+        return VarianceType.CALIBRATED if self.x0_mse is not None else VarianceType.FIXED_SMALL
+
     def variance(self, sched: Schedule, var_type: VarianceType) -> np.ndarray:
         """The σ² table of ``var_type`` for the chain ``sched``."""
         if var_type is VarianceType.CALIBRATED and self.x0_mse is None:

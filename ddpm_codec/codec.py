@@ -79,6 +79,11 @@ def tile_layout(h: int, w: int, size: int) -> tuple[int, int]:
     return math.ceil(h / size), math.ceil(w / size)
 
 
+def count_tiles(shapes: list[tuple[int, int]], size: int) -> int:
+    """Tiles of ``size`` needed for images of the given (height, width)s."""
+    return sum(a * b for a, b in (tile_layout(h, w, size) for h, w in shapes))
+
+
 def to_units(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H, W, C] -> tiles [n, C, size, size], row-major, edges padded by repetition."""
     h, w, c = image.shape
@@ -153,7 +158,7 @@ def encode_lossless(
     ``var_type`` None: the calibrated variance if the model has it, else β̃."""
     t0 = time.perf_counter()
     if var_type is None:
-        var_type = VarianceType.CALIBRATED if model.x0_mse is not None else VarianceType.FIXED_SMALL
+        var_type = model.default_variance()
     size, C = model.image_size, model.channels
     for name, im in images:
         if im.ndim != 3 or im.shape[2] != C or im.dtype != np.uint8:
@@ -239,7 +244,7 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         if len(names) != len(shapes):
             raise FormatError("header: names and shapes differ in number")
         counts = [tile_layout(hh, ww, size) for hh, ww in shapes]
-        n_units = sum(a * b for a, b in counts)
+        n_units = count_tiles(shapes, size)
         sizes = [int(v) for v in h["batches"]]
         if sum(sizes) != n_units or min(sizes) < 1:
             raise FormatError("header: batch sizes do not add up to the tiles")

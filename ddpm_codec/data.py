@@ -88,12 +88,6 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def save_image(arr: np.ndarray, path: str | os.PathLike) -> None:
-    """Save uint8 [H, W, C] as PNG (or by suffix)."""
-    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-    img.save(path)
-
-
 def image_grid(u8: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
     """Tile uint8 [N, H, W, C] into one uint8 [H', W', C] image."""
     n, h, w, c = u8.shape

@@ -92,6 +92,12 @@ class ChainCoder:
             step = p_step(self.net, self.sched, xt, kk, self.variance)
         return step.mean.numpy().reshape(-1)
 
+    def _p_frac(self, mean: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """p_θ(x_{k−1} | x_k) as (rounded centre, fractional mean) in units of δ_{k−1} (k ≥ 2)."""
+        m = mean / self.delta[k - 1]
+        c = np.rint(m)
+        return c, m - c
+
     def _q_frac(self, x_prev: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """q(x_k | x_{k−1}) as (rounded centre, fractional mean) in units of δ_k."""
         mu = math.sqrt(1.0 - self.sched.betas[k]) * x_prev / self.delta[k]
@@ -131,9 +137,8 @@ class ChainCoder:
                 self._push_pixels(stack, u, mean)
             else:
                 s, R = self._p_std_range(k)
-                m = mean / self.delta[k - 1]
-                cp = np.rint(m)
-                stack.push_gaussian(n_prev - cp, m - cp, s, R)
+                cp, fp = self._p_frac(mean, k)
+                stack.push_gaussian(n_prev - cp, fp, s, R)
             x_prev, n_prev = n_k * self.delta[k], n_k
         s, R = self._prior_std_range()
         stack.push_gaussian(n_prev, np.zeros(n_prev.shape), s, R)
@@ -150,9 +155,8 @@ class ChainCoder:
                 x_prev = u * (2.0 / 255.0) - 1.0
             else:
                 s, R = self._p_std_range(k)
-                m = mean / self.delta[k - 1]
-                cp = np.rint(m)
-                n_prev = cp + stack.pop_gaussian(m - cp, s, R)
+                cp, fp = self._p_frac(mean, k)
+                n_prev = cp + stack.pop_gaussian(fp, s, R)
                 x_prev = n_prev * self.delta[k - 1]
             c, frac = self._q_frac(x_prev, k)
             stack.push_gaussian_bounded(n_k - c, frac, self._q_std(), self._q_range())
