@@ -282,19 +282,34 @@ def _png_bytes(arr: np.ndarray) -> bytes:
               help="Reverse-process variance (default: calibrated if the model has it, else beta_tilde).")
 @click.option("--grid-bits", type=click.IntRange(0, 8), default=2, show_default=True,
               help="Latent grid δ_t = √β_t / 2^b.")
-@click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Images (tiles) per network batch.")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Images (tiles) per network batch (default: 100 lossless, 256 lossy).")
+@click.option("--lossy", is_flag=True,
+              help="Progressive lossy file (Algorithms 3/4): the chain from x_T down, one segment per step; "
+                   "decode --upto-step t stops anywhere. Without --rate/--stop-step it ends with a lossless tail.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Lossy: keep the steps that fit in R bits/dim (the file is at most R bits/dim).")
+@click.option("--stop-step", type=click.IntRange(min=0), default=None,
+              help="Lossy: end the file with x_t (the nearest coded step ≥ t; 0: the whole chain, exact).")
+@click.option("--index-bits", type=click.IntRange(1, 16), default=None,
+              help="Lossy: bits per channel index, 2^bits candidates per chunk (default 8).")
+@click.option("--kl-per-chunk", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Lossy: target KL(q‖p) per chunk in bits (default 8; lower: closer to q, more bits).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
-def encode(images, out, model, K, variance, grid_bits, batch, force, as_json):
-    """Losslessly compress images into one .ddpm file (bits-back ANS).
+def encode(images, out, model, K, variance, grid_bits, batch, lossy, rate, stop_step, index_bits, kl_per_chunk,
+           force, as_json):
+    """Compress images into one .ddpm file: lossless (bits-back ANS) or, with --lossy, progressive.
 
     Several images make one archive (its initial bits are paid once); an image
     larger than the model is coded as tiles through the same stream.
 
-      ddpm-codec encode digit.png            # -> digit.ddpm
+    \b
+      ddpm-codec encode digit.png                     # -> digit.ddpm, lossless
       ddpm-codec encode *.png -o digits.ddpm
+      ddpm-codec encode *.png -o d.ddpm --lossy --rate 0.3
+      ddpm-codec encode photo.png --lossy --stop-step 50
     """
     from tqdm import tqdm
 
@@ -319,10 +334,17 @@ def encode(images, out, model, K, variance, grid_bits, batch, force, as_json):
     if loaded[0][1].shape[-1] != lm.channels:
         raise InputError(f"{loaded[0][0]} has {loaded[0][1].shape[-1]} channel(s), model {lm.path.stem} takes "
                          f"{lm.channels}")
+    if not lossy and (rate is not None or stop_step is not None or index_bits or kl_per_chunk):
+        raise InputError("--rate, --stop-step, --index-bits and --kl-per-chunk need --lossy")
+    if rate is not None and stop_step is not None:
+        raise InputError("give --rate or --stop-step, not both")
+    if lossy:
+        return _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bits, kl_per_chunk,
+                             force, as_json)
     n_units = count_tiles([im.shape[:2] for _, im in loaded], lm.image_size)
     with tqdm(total=n_units, file=sys.stderr, unit="tile", disable=as_json and n_units < 2) as bar:
         res = encode_lossless(loaded, lm, K or DEFAULT_STEPS, VarianceType(variance) if variance else None,
-                              grid_bits, batch, progress=bar.update)
+                              grid_bits, batch or 100, progress=bar.update)
     _write_atomic(out, res.data, force)
     summary = {"file": str(out), "bytes": len(res.data), "bits_per_dim": res.bits_per_dim,
                "initial_bits": res.initial_bits, "dims": res.dims, "images": len(loaded), "steps": K or DEFAULT_STEPS,
@@ -332,6 +354,39 @@ def encode(images, out, model, K, variance, grid_bits, batch, force, as_json):
     else:
         click.echo(f"{out}: {len(res.data)} bytes, {res.bits_per_dim:.4f} bits/dim "
                    f"(initial bits {res.initial_bits / res.dims:.3f} bits/dim of that), {res.seconds:.1f} s", err=True)
+
+
+def _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bits, kl_per_chunk, force, as_json):
+    from tqdm import tqdm
+
+    from ddpm_codec.coding.channel import DEFAULT_INDEX_BITS, DEFAULT_KL_PER_CHUNK
+    from ddpm_codec.diffusion import VarianceType
+    from ddpm_codec.lossy import DEFAULT_LOSSY_BATCH, DEFAULT_LOSSY_STEPS, encode_lossy
+
+    K = K or DEFAULT_LOSSY_STEPS
+    if stop_step is not None and stop_step > lm.schedule.T:
+        raise InputError(f"--stop-step must be at most T = {lm.schedule.T}")
+    bits, kpc = index_bits or DEFAULT_INDEX_BITS, kl_per_chunk or DEFAULT_KL_PER_CHUNK
+    if kpc > 2 * bits:
+        raise InputError("--kl-per-chunk may be at most twice --index-bits")
+    with tqdm(total=K + 1, file=sys.stderr, unit="step", disable=as_json) as bar:
+        res = encode_lossy(loaded, lm, K, VarianceType(variance) if variance else None, stop_step=stop_step,
+                           rate=rate, index_bits=bits, kl_per_chunk=kpc, batch=batch or DEFAULT_LOSSY_BATCH,
+                           progress=bar.update)
+    _write_atomic(out, res.data, force)
+    last = res.segments[-1].step
+    kl = sum(s.kl_bits for s in res.segments) / res.dims
+    summary = {"file": str(out), "bytes": len(res.data), "bits_per_dim": res.bits_per_dim, "mode": "lossy",
+               "dims": res.dims, "images": len(loaded), "steps": K, "segments": len(res.segments),
+               "last_step": last, "exact": res.complete, "kl_bits_per_dim": kl, "header_bytes": res.header_bytes,
+               "model": lm.model_id, "seconds": res.seconds, "net_seconds": res.net_seconds,
+               "channel_seconds": res.channel_seconds}
+    if as_json:
+        emit_json(summary)
+    else:
+        ends = "the lossless tail (decodes exactly)" if res.complete else f"x_{last}"
+        click.echo(f"{out}: {len(res.data)} bytes, {res.bits_per_dim:.4f} bits/dim, {len(res.segments)} segments "
+                   f"ending with {ends}; KL rate {kl:.4f} bits/dim, {res.seconds:.1f} s", err=True)
 
 
 def _model_for(header_model: str, model: str | None):
@@ -352,13 +407,23 @@ def _model_for(header_model: str, model: str | None):
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Output image (one image) or directory (an archive). Default: beside FILE.")
 @click.option("--model", default=None, help="Checkpoint path, if the file's model is not a shipped one.")
+@click.option("--upto-step", type=click.IntRange(min=0), default=None,
+              help="Lossy files: decode down to x_t (the nearest coded step ≥ t) and reconstruct from it "
+                   "(default: as far as the file goes; 0 with a lossless tail: exact).")
+@click.option("--reconstruct", type=click.Choice(["predict", "sample", "ddim"]), default="predict",
+              show_default=True,
+              help="Lossy files: x̂_0 from x_t in one network call (predict), or run the model down from x_t "
+                   "(ancestral sampling or deterministic DDIM).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed for --reconstruct sample.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
-def decode(file, out, model, force, as_json):
-    """Restore the images of a .ddpm file, exactly, as PNG.
+def decode(file, out, model, upto_step, reconstruct, seed, force, as_json):
+    """Restore the images of a .ddpm file as PNG.
 
-    Nothing is written unless every pixel matches the original's checksum.
+    Lossless files: nothing is written unless every pixel matches the original's
+    checksum. Lossy (progressive) files: the reconstruction from the last step
+    decoded; a file cut short decodes up to its last whole step and says so.
     """
     from tqdm import tqdm
 
@@ -381,9 +446,21 @@ def decode(file, out, model, force, as_json):
         if path.exists() and not force:
             raise InputError(f"{path} exists; pass --force to overwrite")
     lm = _model_for(header.get("model", "?"), model)
-    tiles = count_tiles([tuple(hw) for hw in header.get("shapes", [])], int(header.get("tile", 1)))
-    with tqdm(total=tiles, file=sys.stderr, unit="tile", disable=as_json) as bar:
-        res = run(data, lm, progress=bar.update)
+    lossy = header.get("mode") == "lossy"
+    if not lossy and (upto_step is not None or reconstruct != "predict"):
+        raise InputError("--upto-step and --reconstruct apply to lossy files; this one is lossless")
+    if lossy:
+        from ddpm_codec.lossy import Reconstruct, decode_lossy
+
+        with tqdm(total=len(header.get("chunks", [])) + 2, file=sys.stderr, unit="step", disable=as_json) as bar:
+            res = decode_lossy(data, lm, upto_step, Reconstruct(reconstruct), seed, progress=bar.update)
+        if res.truncated:
+            click.echo(f"warning: {file} is truncated: decoded {res.segments_read} of {res.segments_in_file} "
+                       f"segments, up to step {res.step}", err=True)
+    else:
+        tiles = count_tiles([tuple(hw) for hw in header.get("shapes", [])], int(header.get("tile", 1)))
+        with tqdm(total=tiles, file=sys.stderr, unit="tile", disable=as_json) as bar:
+            res = run(data, lm, progress=bar.update)
     if len(paths) > 1:
         paths[0].parent.mkdir(exist_ok=True)
     targets = list(zip(paths, [im for _, im in res.images]))
@@ -391,11 +468,16 @@ def decode(file, out, model, force, as_json):
         _write_atomic(path, _png_bytes(im), force)
     summary = {"files": [str(p) for p, _ in targets], "images": len(targets), "bits_per_dim": res.bits_per_dim,
                "seconds": res.seconds}
+    if lossy:
+        summary.update(mode="lossy", step=res.step, exact=res.exact, truncated=res.truncated,
+                       segments_read=res.segments_read, segments_in_file=res.segments_in_file,
+                       reconstruct=None if res.exact else reconstruct)
     if as_json:
         emit_json(summary)
     else:
+        what = "exact" if not lossy or res.exact else f"from x_{res.step}, {reconstruct}"
         click.echo(f"{file} -> {', '.join(str(p) for p, _ in targets[:3])}{' …' if len(targets) > 3 else ''} "
-                   f"({res.bits_per_dim:.4f} bits/dim, exact)", err=True)
+                   f"({res.bits_per_dim:.4f} bits/dim read, {what})", err=True)
 
 
 @cli.command()
@@ -405,8 +487,25 @@ def decode(file, out, model, force, as_json):
 def info(file, as_json):
     """Describe a .ddpm file: format version, mode, model, images, steps."""
     from ddpm_codec.codec import info as run
+    from ddpm_codec.coding.container import read_header
 
-    i = run(file.read_bytes())
+    data = file.read_bytes()
+    if read_header(data).get("mode") == "lossy":
+        from ddpm_codec.lossy import lossy_info
+
+        i = lossy_info(data)
+        if as_json:
+            return emit_json(i)
+        tail = ", lossless tail" if i["lossless_tail"] else ""
+        click.echo(f"{file}: .ddpm version {i['format_version']}, lossy (progressive), model {i['model']}, "
+                   f"{len(i['images'])} image(s), {len(i['steps'])}-step chain ({i['schedule']}, T = {i['T']}), "
+                   f"{len(i['segments'])} segments{tail}, {i['bytes']} bytes"
+                   f"{' (TRUNCATED)' if i['truncated'] else ''}")
+        click.echo("  segment  step  chunks    bytes  cumulative bits/dim")
+        for n, r in enumerate(i["segments"]):
+            click.echo(f"  {n:7d} {r['step']:5d} {r['chunks']:7d} {r['bytes']:8d}  {r['bits_per_dim']:.4f}")
+        return
+    i = run(data)
     if as_json:
         emit_json(i)
     else:
@@ -473,3 +572,72 @@ def bench_fuzz(model, n, K, seed):
                  for _ in range(2)]
     res = encode_lossless([(f"{i}.png", im) for i, im in enumerate(originals)], lm, K)
     emit_json(fuzz(res.data, originals, lm, n, seed))
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--report", "report_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for rd.md, rd.json, rd.png and progressive.png.")
+@click.option("--model", default=None, help="Shipped model name or checkpoint path (default: by channels).")
+@click.option("--n", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Images taken from a source (ignored for image files).")
+@click.option("--steps", "K", type=click.IntRange(min=2), default=None, help="K-step chain (default: 100).")
+@click.option("--index-bits", type=click.IntRange(1, 16), default=None, help="Channel index bits (default 8).")
+@click.option("--kl-per-chunk", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Target KL per chunk in bits (default 8).")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Tiles per network batch (default 256).")
+@click.option("--title", default="", help="Title for the report and plots.")
+@click.option("--force", is_flag=True, help="Write into a report directory that already has a report.")
+@click.option("--json", "as_json", is_flag=True, help="The report's summary as one JSON object on stdout.")
+@user_errors
+def rd(inputs, report_dir, model, n, K, index_bits, kl_per_chunk, batch, title, force, as_json):
+    """Rate–distortion report of progressive lossy coding over reverse time.
+
+    One real progressive file of INPUTS (image files, or one source such as
+    mnist:test); for every step its KL rate, coded rate, RMSE and PSNR of the
+    reconstruction from x_t; JPEG and WebP lossy curves and PNG / WebP / JPEG XL
+    lossless points on the same images. Writes Markdown, JSON and PNG plots.
+
+    \b
+      ddpm-codec rd mnist:test --n 100 --report reports/mnist
+      ddpm-codec rd photo.png --model photos.pt --report reports/photo
+    """
+    from tqdm import tqdm
+
+    from ddpm_codec import checkpoint
+    from ddpm_codec.coding.channel import DEFAULT_INDEX_BITS, DEFAULT_KL_PER_CHUNK
+    from ddpm_codec.data import load_image, load_source
+    from ddpm_codec.eval.rd import rd_report
+    from ddpm_codec.lossy import DEFAULT_LOSSY_BATCH, DEFAULT_LOSSY_STEPS
+
+    if (report_dir / "rd.json").exists() and not force:
+        raise InputError(f"{report_dir} already holds a report; pass --force to overwrite it")
+    if all(_is_image_path(s) for s in inputs):
+        images = [(Path(s).name, load_image(s)) for s in inputs]
+        if len({im.shape[-1] for _, im in images}) > 1:
+            raise InputError("grey and colour images mixed; report on them separately")
+        lm = checkpoint.resolve(model, images[0][1].shape[-1])
+    elif len(inputs) == 1:
+        spec = inputs[0]
+        channels = 1 if spec.split(":")[0] in ("mnist", "fashion-mnist") else 3
+        lm = checkpoint.resolve(model, channels)
+        src = load_source(spec, "test", crop=lm.image_size, channels=lm.channels)
+        images = [(f"{i:05d}.png", im) for i, im in enumerate(src.take(n, np.random.default_rng(0)))]
+    else:
+        raise InputError("give image files, or one data source")
+    if images[0][1].shape[-1] != lm.channels:
+        raise InputError(f"the images have {images[0][1].shape[-1]} channel(s), model {lm.path.stem} takes "
+                         f"{lm.channels}")
+    bits, kpc = index_bits or DEFAULT_INDEX_BITS, kl_per_chunk or DEFAULT_KL_PER_CHUNK
+    if kpc > 2 * bits:
+        raise InputError("--kl-per-chunk may be at most twice --index-bits")
+    K = K or DEFAULT_LOSSY_STEPS
+    with tqdm(total=K + 1, file=sys.stderr, unit="step", disable=as_json) as bar:
+        rep = rd_report(images, lm, K, report_dir, bits, kpc, batch or DEFAULT_LOSSY_BATCH, title,
+                        progress=bar.update)
+    s = rep["summary"]
+    if as_json:
+        emit_json(s)
+    else:
+        click.echo(f"{report_dir}/rd.md: {s['images']} image(s), complete file {s['bits_per_dim']:.4f} bits/dim "
+                   f"(KL rate {s['kl_rate_total']:.4f}), encode {s['encode_seconds']:.1f} s", err=True)

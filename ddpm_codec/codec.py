@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .checkpoint import LoadedModel
 from .coding.bitsback import ChainCoder
-from .coding.container import VERSION, Container, FormatError
+from .coding.container import Container, FormatError
 from .coding.entropy import Stack
 from .diffusion import VarianceType
 from .schedule import schedule_from_spec
@@ -35,6 +35,7 @@ DEFAULT_BATCH = 100
 
 class Mode(enum.Enum):
     LOSSLESS = "lossless"
+    LOSSY = "lossy"  # progressive (``lossy.py``)
 
 
 class DecodeError(ValueError):
@@ -217,7 +218,7 @@ def info(data: bytes) -> dict:
     c = Container.from_bytes(data)
     h = c.header
     images = [{"name": n, "height": s[0], "width": s[1]} for n, s in zip(h["names"], h["shapes"])]
-    return {"format_version": VERSION, "mode": h["mode"], "model": h["model"], "images": images,
+    return {"format_version": h["_version"], "mode": h["mode"], "model": h["model"], "images": images,
             "steps": schedule_from_spec(h["schedule"]).steps, "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
             "variance": h["variance"], "grid_bits": h["grid_bits"], "bytes": len(data),
             "payload_words": h["payload_words"], "initial_bits": 32 * (h["seed_words"]["count"] -

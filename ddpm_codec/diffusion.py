@@ -144,6 +144,14 @@ def l_simple(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generato
 
 # --- Algorithm 2 and DDIM ------------------------------------------------------------------
 
+def _start(sched: Schedule, shape, gen, x_start, from_k) -> tuple[torch.Tensor, int]:
+    if x_start is None:
+        return torch.randn(shape, generator=gen), sched.K
+    if from_k is None or not 1 <= from_k <= sched.K:
+        raise ValueError(f"starting from x_k needs k in 1..{sched.K}")
+    return x_start.to(torch.float32), from_k
+
+
 @torch.no_grad()
 def sample(
     net: EpsNet,
@@ -152,13 +160,16 @@ def sample(
     gen: torch.Generator,
     variance: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
+    x_start: torch.Tensor | None = None,
+    from_k: int | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling (Algorithm 2) over the K steps of ``sched`` with the σ² table
-    ``variance`` (default σ² = β); returns x_0 in [-1, 1]."""
+    ``variance`` (default σ² = β); returns x_0 in [-1, 1]. With ``x_start`` = x_k and
+    ``from_k`` = k it runs the chain down from there (the lossy decoder's reconstruction)."""
     if variance is None:
         variance = model_variance(sched, VarianceType.FIXED_LARGE)
-    x = torch.randn(shape, generator=gen)
-    for step in range(sched.K, 0, -1):
+    x, top = _start(sched, shape, gen, x_start, from_k)
+    for step in range(top, 0, -1):
         k = torch.full((shape[0],), step, dtype=torch.int64)
         p = p_step(net, sched, x, k, variance)
         if step > 1:
@@ -178,10 +189,13 @@ def ddim_sample(
     gen: torch.Generator,
     eta: float = 0.0,
     progress: Callable[[int], None] | None = None,
+    x_start: torch.Tensor | None = None,
+    from_k: int | None = None,
 ) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12) over the K steps of ``sched``; η = 1 is DDPM-like, η = 0 deterministic."""
-    x = torch.randn(shape, generator=gen)
-    for step in range(sched.K, 0, -1):
+    """DDIM (Song et al. 2021, eq. 12) over the K steps of ``sched``; η = 1 is DDPM-like, η = 0
+    deterministic. ``x_start``/``from_k`` as for ``sample``."""
+    x, top = _start(sched, shape, gen, x_start, from_k)
+    for step in range(top, 0, -1):
         k = torch.full((shape[0],), step, dtype=torch.int64)
         eps = net(x, net_timesteps(sched, k))
         x0 = predict_x0(sched, x, k, eps).clamp(-1.0, 1.0)

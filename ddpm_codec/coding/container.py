@@ -12,6 +12,12 @@
 
 Everything else a reader needs is in the header; a reader refuses an unknown
 version, a bad checksum and a truncated or over-long file with a one-line reason.
+
+Versions: 1 is the lossless file above (payload in 32-bit words). 2 adds the progressive
+lossy file: the same layout with a payload of ``payload_bytes`` bytes made of segments
+(one per coded step, their lengths and CRC-16s in the header), so a file cut short still
+decodes up to its last whole segment (``unpack_segments``). Writers use the lowest version
+that can express the file, so lossless files stay readable by version-1 readers.
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DDPM"
-VERSION = 1
+VERSION = 2  # the highest version this reader knows
+LOSSLESS_VERSION = 1
+LOSSY_VERSION = 2
 _FIXED = struct.Struct("<4sHI")
 MAX_HEADER = 64 << 20  # decompressed header bytes a reader accepts
 
@@ -40,13 +48,15 @@ class Container:
     def to_bytes(self) -> bytes:
         header = dict(self.header, payload_words=int(self.payload.size))
         hbytes = zlib.compress(json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8"), 9)
-        head = _FIXED.pack(MAGIC, VERSION, len(hbytes)) + hbytes
+        head = _FIXED.pack(MAGIC, LOSSLESS_VERSION, len(hbytes)) + hbytes
         body = self.payload.astype("<u4").tobytes()
         return b"".join([head, struct.pack("<I", zlib.crc32(head)), body, struct.pack("<I", zlib.crc32(body))])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Container":
         header = read_header(data)
+        if "payload_words" not in header:
+            raise FormatError("not a lossless file (its payload is not in words)")
         n = _FIXED.size + header["_header_len"]
         start = n + 4
         words = header["payload_words"]
@@ -70,8 +80,8 @@ def read_header(data: bytes) -> dict:
     if len(data) < _FIXED.size or data[:4] != MAGIC:
         raise FormatError("not a .ddpm file (bad magic number)")
     _, version, hlen = _FIXED.unpack(data[:_FIXED.size])
-    if version != VERSION:
-        raise FormatError(f"format version {version}; this ddpm-codec reads version {VERSION}")
+    if not 1 <= version <= VERSION:
+        raise FormatError(f"format version {version}; this ddpm-codec reads versions 1 to {VERSION}")
     n = _FIXED.size + hlen
     if len(data) < n + 4:
         raise FormatError("truncated file (inside the header)")
@@ -86,7 +96,37 @@ def read_header(data: bytes) -> dict:
         header = json.loads(raw.decode("utf-8"))
     except (zlib.error, UnicodeDecodeError, json.JSONDecodeError):
         raise FormatError("unreadable header") from None
-    if not isinstance(header, dict) or not isinstance(header.get("payload_words"), int) or header["payload_words"] < 0:
+    key = "payload_words" if version == LOSSLESS_VERSION else "payload_bytes"
+    if not isinstance(header, dict) or not isinstance(header.get(key), int) or header[key] < 0:
         raise FormatError("header lacks the payload length")
     header["_header_len"] = hlen
+    header["_version"] = version
     return header
+
+
+def pack_segments(header: dict, body: bytes) -> bytes:
+    """A version-2 file: the header (``payload_bytes`` added), its CRC, the body, the body's CRC."""
+    header = dict(header, payload_bytes=len(body))
+    hbytes = zlib.compress(json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8"), 9)
+    head = _FIXED.pack(MAGIC, LOSSY_VERSION, len(hbytes)) + hbytes
+    return b"".join([head, struct.pack("<I", zlib.crc32(head)), body, struct.pack("<I", zlib.crc32(body))])
+
+
+def unpack_segments(data: bytes) -> tuple[dict, bytes, bool]:
+    """(header, the body bytes present, whether the file is complete). A complete file's body
+    CRC is checked here; a short one is returned as far as it goes (its segments carry their
+    own checks); an over-long one is refused."""
+    header = read_header(data)
+    if header["_version"] != LOSSY_VERSION:
+        raise FormatError("not a segmented (lossy) file")
+    start = _FIXED.size + header.pop("_header_len") + 4
+    end = start + header["payload_bytes"]
+    if len(data) > end + 4:
+        raise FormatError(f"{len(data) - end - 4} unexpected bytes after the payload")
+    if len(data) < end + 4:
+        return header, data[start:end], False
+    body = data[start:end]
+    (crc,) = struct.unpack("<I", data[end:end + 4])
+    if zlib.crc32(body) != crc:
+        raise FormatError("payload checksum mismatch: the file is corrupt")
+    return header, body, True

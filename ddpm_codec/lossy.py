@@ -1,0 +1,433 @@
+"""Progressive lossy coding: Algorithms 3 and 4 of Ho et al. (2020) with real bits.
+
+A file sends the chain from the top down, one segment per step, each a sample of the forward
+posterior coded against the model's reverse step by reverse-channel coding
+(``coding.channel``):
+
+    segment 0          x_{τ_K} ~ q(x_{τ_K} | x_0)                 against p(x_T) = N(0, I)
+    segment s (1…K−1)  x_{τ_{K−s}} ~ q(x_{τ_{K−s}} | x_{τ_{K−s+1}}, x_0)  against p_θ(· | x_{τ_{K−s+1}})
+    segment K (tail)   x_0 exactly, with the L_0 decoder p_θ(x_0 | x_{τ_1}) on an ANS stack
+
+The receiver may stop after any segment holding x_t and reconstruct x̂_0 from it (the paper's
+progressive estimate, or by running the model down from x_t). A file cut at a segment
+boundary is a valid file of lower rate; each segment carries a CRC-16 in the header, so a
+truncated file decodes up to its last whole segment and anything else corrupt is refused.
+
+All images (tiles) of a file share each step: the network runs on fixed batches of units (part
+of the format, with the thread count: see ``codec.torch_threads``) and the channel codes the
+step's dimensions of all units together.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import LoadedModel
+from .codec import (DecodeError, Mode, _TimedNet, count_tiles, from_units, pixels_digest, tile_layout,
+                    to_units, torch_threads)
+from .coding.bitsback import PIXEL_CHUNK, pixel_probs
+from .coding.channel import (DEFAULT_INDEX_BITS, DEFAULT_KL_PER_CHUNK, StepChannel, chunk_count, kl_bits,
+                             pack_indices, packed_bytes, unpack_indices)
+from .coding.container import FormatError, pack_segments, unpack_segments
+from .coding.entropy import Stack
+from .diffusion import VarianceType, ddim_sample, p_step, sample
+from .schedule import Schedule, schedule_from_spec
+
+DEFAULT_LOSSY_STEPS = 100
+DEFAULT_LOSSY_BATCH = 256
+
+
+class Reconstruct(enum.Enum):
+    PREDICT = "predict"  # x̂_0(x_t) = (x_t − √(1−ᾱ_t) ε_θ) / √ᾱ_t, one network call (Algorithm 4's estimate)
+    SAMPLE = "sample"  # ancestral sampling from x_t down to x_0 (Algorithm 2 from t)
+    DDIM = "ddim"  # deterministic DDIM from x_t
+
+
+@dataclass
+class Segment:
+    step: int  # τ of the x this segment sends; 0 for the lossless tail
+    chunks: int  # channel chunks (0 for the tail)
+    bytes: int
+    kl_bits: float  # KL(q‖p) summed over the step's dimensions; for the tail −log2 p(x_0 | x_1)
+
+
+@dataclass
+class LossyEncodeResult:
+    data: bytes
+    dims: int
+    seconds: float
+    net_seconds: float
+    channel_seconds: float
+    segments: list[Segment]
+    header_bytes: int
+    complete: bool  # the lossless tail is in the file
+    recon: list[np.ndarray] = field(default_factory=list)  # per segment: x̂_0 units uint8 (if asked)
+
+    @property
+    def bits_per_dim(self) -> float:
+        return 8 * len(self.data) / self.dims
+
+
+@dataclass
+class LossyDecodeResult:
+    images: list  # [(name, uint8 [H, W, C])]
+    bits_per_dim: float  # of the bytes read: header and the segments used
+    seconds: float
+    step: int  # τ of the x_t reconstructed from (0: exact pixels)
+    segments_read: int
+    segments_in_file: int
+    truncated: bool
+    exact: bool
+
+
+def _crc16(b: bytes) -> int:
+    return zlib.crc32(b) & 0xFFFF
+
+
+class _Chain:
+    """The model's reverse step over all units of a file, in fixed network batches."""
+
+    def __init__(self, net, sched: Schedule, variance: np.ndarray, shape: tuple[int, ...], batch: int):
+        self.net, self.sched, self.variance, self.shape = net, sched, variance, shape
+        n = shape[0]
+        self.spans = [(a, min(n, a + batch)) for a in range(0, n, batch)]
+
+    def p(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean of p_θ(x_{k−1} | x_k), clipped x̂_0), both flat float64, from x_k flat float64."""
+        xs = x.reshape(self.shape)
+        mean, x0 = np.empty(self.shape), np.empty(self.shape)
+        with torch.no_grad():
+            for a, b in self.spans:
+                kk = torch.full((b - a,), k, dtype=torch.int64)
+                st = p_step(self.net, self.sched, torch.from_numpy(xs[a:b]), kk, self.variance)
+                mean[a:b], x0[a:b] = st.mean.numpy(), st.pred_x0.numpy()
+        return mean.reshape(-1), x0.reshape(-1)
+
+
+def _u8(x0: np.ndarray, shape) -> np.ndarray:
+    return np.clip(np.rint((x0 + 1.0) * 127.5), 0, 255).astype(np.uint8).reshape(shape)
+
+
+def _chain_index(sched: Schedule, t: int) -> int:
+    """Chain index k of the smallest chain step τ_k ≥ t (t ≥ 1)."""
+    steps = sched.timesteps
+    k = int(np.searchsorted(steps[1:], t, side="left")) + 1
+    return min(k, sched.K)
+
+
+def segment_steps(sched: Schedule) -> list[int]:
+    """τ of each segment in file order: τ_K, τ_{K−1}, …, τ_1, then 0 for the tail."""
+    return [int(sched.timesteps[k]) for k in range(sched.K, 0, -1)] + [0]
+
+
+def encode_lossy(
+    images: list[tuple[str, np.ndarray]],
+    model: LoadedModel,
+    steps: int | None = DEFAULT_LOSSY_STEPS,
+    var_type: VarianceType | None = None,
+    stop_step: int | None = None,
+    rate: float | None = None,
+    index_bits: int = DEFAULT_INDEX_BITS,
+    kl_per_chunk: float = DEFAULT_KL_PER_CHUNK,
+    batch: int = DEFAULT_LOSSY_BATCH,
+    record: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> LossyEncodeResult:
+    """Encode named uint8 images [H, W, C] progressively. ``stop_step`` t: end the file with x_t
+    (the smallest chain step ≥ t; 0 or None: the whole chain and the lossless tail). ``rate`` R:
+    keep the longest prefix of segments whose file is at most R bits/dim (at least segment 0).
+    ``record``: keep each segment's reconstruction x̂_0(x_t) (for rate–distortion reports)."""
+    t0 = time.perf_counter()
+    if var_type is None:
+        var_type = model.default_variance()
+    if not 1 <= index_bits <= 16:
+        raise ValueError("index bits must be in 1..16")
+    if not 0 < kl_per_chunk <= 2 * index_bits:
+        raise ValueError("the KL per chunk must be positive and at most twice the index bits")
+    size, C = model.image_size, model.channels
+    for name, im in images:
+        if im.ndim != 3 or im.shape[2] != C or im.dtype != np.uint8:
+            raise ValueError(f"{name}: {im.shape[-1] if im.ndim == 3 else '?'}-channel image, the model takes {C}")
+    units = np.concatenate([to_units(im, size) for _, im in images])
+    sched = model.schedule if not steps or steps == model.schedule.T else model.schedule.respace_to(steps)
+    K = sched.K
+    k_stop = 0 if not stop_step else _chain_index(sched, int(stop_step))
+    var = model.variance(sched, var_type)
+    timed = _TimedNet(model.net)
+    chain = _Chain(timed, sched, var, units.shape, batch)
+    threads = torch.get_num_threads()
+    digest = pixels_digest([im for _, im in images])
+    seed = int(digest[:15], 16)
+    x0 = units.reshape(-1).astype(np.float64) * (2.0 / 255.0) - 1.0
+    dims = sum(im.size for _, im in images)
+    header = {
+        "mode": Mode.LOSSY.value, "encoder": f"ddpm-codec {__version__}", "model": model.model_id,
+        "schedule": sched.spec(), "variance": var_type.value, "threads": threads, "batch": batch,
+        "tile": size, "channels": C, "names": [n for n, _ in images],
+        "shapes": [[int(im.shape[0]), int(im.shape[1])] for _, im in images],
+        "pixels_sha256": digest, "seed": seed, "index_bits": index_bits,
+    }
+    segs: list[Segment] = []
+    bodies: list[bytes] = []
+    recon: list[np.ndarray] = []
+    ch_seconds = 0.0
+
+    def file_bytes(tail: bool) -> bytes:
+        h = dict(header, chunks=[s.chunks for s in segs if s.step > 0],
+                 crc16=[_crc16(b) for b in bodies], tail=tail)
+        return pack_segments(h, b"".join(bodies))
+
+    def add(seg: Segment, body: bytes, tail: bool = False) -> bool:
+        """Append a segment; False (and not appended) if it would break the rate limit."""
+        segs.append(seg)
+        bodies.append(body)
+        if rate is not None and len(segs) > 1 and 8 * len(file_bytes(tail)) / dims > rate:
+            segs.pop()
+            bodies.pop()
+            return False
+        return True
+
+    with torch_threads(threads):
+        # segment 0: x_T against N(0, I)
+        ab = sched.alpha_bar[K]
+        mu_q, s_q = math.sqrt(ab) * x0, math.sqrt(1.0 - ab)
+        zero = np.zeros_like(x0)
+        kl = float(kl_bits(mu_q, s_q, zero, 1.0).sum())
+        c0 = time.perf_counter()
+        ch = StepChannel(seed, 0, index_bits)
+        idx, x = ch.encode(mu_q, s_q, zero, 1.0, min(chunk_count(kl, kl_per_chunk), x0.size))
+        ch_seconds += time.perf_counter() - c0
+        add(Segment(int(sched.timesteps[K]), idx.size, packed_bytes(idx.size, index_bits), kl),
+            pack_indices(idx, index_bits))
+        if progress:
+            progress(1)
+        complete = False
+        for k in range(K, 0, -1):
+            mean, pred = chain.p(x, k)
+            if record:
+                recon.append(_u8(pred, units.shape))
+            if k == k_stop:
+                break
+            if k >= 2:
+                post = sched.post_coef_x0[k] * x0 + sched.post_coef_xt[k] * x
+                s_q, s_p = math.sqrt(sched.beta_tilde[k]), math.sqrt(var[k])
+                kl = float(kl_bits(post, s_q, mean, s_p).sum())
+                c0 = time.perf_counter()
+                ch = StepChannel(seed, K - k + 1, index_bits)
+                idx, x_new = ch.encode(post, s_q, mean, s_p, min(chunk_count(kl, kl_per_chunk), x0.size))
+                ch_seconds += time.perf_counter() - c0
+                if not add(Segment(int(sched.timesteps[k - 1]), idx.size, packed_bytes(idx.size, index_bits), kl),
+                           pack_indices(idx, index_bits)):
+                    break
+                x = x_new
+            else:  # the tail: x_0 exactly with the L_0 decoder
+                c0 = time.perf_counter()
+                u = units.reshape(-1).astype(np.int64)
+                std = math.sqrt(var[1])
+                stack = Stack()
+                nll = 0.0
+                starts = list(range(0, u.size, PIXEL_CHUNK))
+                for s in reversed(starts):
+                    probs = pixel_probs(mean[s:s + PIXEL_CHUNK], std)
+                    picked = probs[np.arange(probs.shape[0]), u[s:s + PIXEL_CHUNK]]
+                    nll -= float(np.log2(np.maximum(picked, 2.0**-24)).sum())  # the coder's floor, about
+                    stack.push_categorical(u[s:s + PIXEL_CHUNK], probs)
+                body = stack.words().astype("<u4").tobytes()
+                ch_seconds += time.perf_counter() - c0
+                if add(Segment(0, 0, len(body), nll), body, tail=True):
+                    complete = True
+                    if record:
+                        recon.append(units.copy())
+            if progress:
+                progress(1)
+    data = file_bytes(complete)
+    body_len = sum(len(b) for b in bodies)
+    return LossyEncodeResult(data=data, dims=dims, seconds=time.perf_counter() - t0, net_seconds=timed.seconds,
+                             channel_seconds=ch_seconds, segments=segs, header_bytes=len(data) - body_len,
+                             complete=complete, recon=recon)
+
+
+@dataclass
+class _Parsed:
+    header: dict
+    body: bytes
+    complete_file: bool
+    sched: Schedule
+    steps: list[int]  # τ per segment present in the header, in file order
+    sizes: list[int]  # bytes per segment
+    chunks: list[int]
+    crcs: list[int]
+
+
+def _parse(data: bytes) -> _Parsed:
+    h, body, complete = unpack_segments(data)
+    try:
+        if h["mode"] != Mode.LOSSY.value:
+            raise FormatError(f"mode {h['mode']!r} in a segmented file")
+        sched = schedule_from_spec(h["schedule"])
+        bits = int(h["index_bits"])
+        chunks = [int(c) for c in h["chunks"]]
+        crcs = [int(c) for c in h["crc16"]]
+        tail = bool(h["tail"])
+        if not 1 <= bits <= 16 or len(chunks) > sched.K or min(chunks, default=0) < 0:
+            raise FormatError("header: bad channel parameters")
+        if len(crcs) != len(chunks) + tail:
+            raise FormatError("header: segment checks do not match the segments")
+        if tail and len(chunks) != sched.K:
+            raise FormatError("header: a tail without the whole chain")
+        sizes = [packed_bytes(c, bits) for c in chunks]
+        if tail:
+            sizes.append(h["payload_bytes"] - sum(sizes))
+            if sizes[-1] < 0 or sizes[-1] % 4:
+                raise FormatError("header: segment sizes do not add up to the payload")
+        elif sum(sizes) != h["payload_bytes"]:
+            raise FormatError("header: segment sizes do not add up to the payload")
+        steps = segment_steps(sched)[:len(sizes)]
+        if tail:
+            steps[-1] = 0
+        return _Parsed(h, body, complete, sched, steps, sizes, chunks, crcs)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"malformed header ({type(e).__name__}: {e})") from None
+
+
+def lossy_info(data: bytes) -> dict:
+    p = _parse(data)
+    h = p.header
+    dims = sum(a * b for a, b in h["shapes"]) * int(h["channels"])
+    head = len(data) - len(p.body) - (4 if p.complete_file else 0)
+    cum, rows = head + 4, []
+    for s, n, c in zip(p.steps, p.sizes, p.chunks + [0]):
+        cum += n
+        rows.append({"step": s, "bytes": n, "chunks": c, "bits_per_dim": 8 * cum / dims})
+    return {
+        "format_version": h["_version"], "mode": h["mode"], "model": h["model"],
+        "images": [{"name": n, "height": s[0], "width": s[1]} for n, s in zip(h["names"], h["shapes"])],
+        "steps": p.sched.steps, "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
+        "variance": h["variance"], "index_bits": h["index_bits"], "bytes": len(data),
+        "segments": rows, "lossless_tail": bool(h["tail"]), "truncated": not p.complete_file,
+    }
+
+
+def decode_lossy(
+    data: bytes,
+    model: LoadedModel,
+    upto_step: int | None = None,
+    reconstruct: Reconstruct = Reconstruct.PREDICT,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> LossyDecodeResult:
+    """Decode down to x_t (t = ``upto_step``: the smallest coded step ≥ t; None: as far as the
+    file goes) and reconstruct; with the tail (t = 0) the exact pixels, checked against the
+    original's SHA-256. A short file decodes up to its last whole segment."""
+    t0 = time.perf_counter()
+    p = _parse(data)
+    h = p.header
+    if h["model"] != model.model_id:
+        raise DecodeError(f"the file was made with model {h['model']}, not {model.model_id}")
+    try:
+        size, C = int(h["tile"]), int(h["channels"])
+        if size != model.image_size or C != model.channels:
+            raise DecodeError("the file's tile shape does not fit the model")
+        shapes = [(int(a), int(b)) for a, b in h["shapes"]]
+        names = [str(n) for n in h["names"]]
+        if len(names) != len(shapes):
+            raise FormatError("header: names and shapes differ in number")
+        n_units = count_tiles(shapes, size)
+        seed_file, bits = int(h["seed"]), int(h["index_bits"])
+        threads, batch = int(h["threads"]), int(h["batch"])
+        var = model.variance(p.sched, VarianceType(h["variance"]))
+        if batch < 1 or max(p.chunks, default=0) > n_units * C * size * size:
+            raise FormatError("header: bad batch or chunk count")
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, (DecodeError, FormatError)):
+            raise
+        raise FormatError(f"malformed header ({type(e).__name__}: {e})") from None
+    # which segments are here, whole and intact
+    offsets = np.concatenate([[0], np.cumsum(p.sizes)]).astype(int)
+    whole = 0
+    while whole < len(p.sizes) and offsets[whole + 1] <= len(p.body):
+        seg = p.body[offsets[whole]:offsets[whole + 1]]
+        if _crc16(seg) != p.crcs[whole]:
+            raise FormatError(f"segment {whole} (step {p.steps[whole]}) fails its checksum: the file is corrupt")
+        whole += 1
+    if whole == 0:
+        raise FormatError("truncated file: not even the first segment is whole")
+    want = whole
+    if upto_step is not None:
+        t = int(upto_step)
+        want = min(whole, 1 + sum(1 for s in p.steps[1:] if s >= t)) if t > 0 else whole
+    sched, K = p.sched, p.sched.K
+    shape = (n_units, C, size, size)
+    D = int(np.prod(shape))
+    chain = _Chain(model.net, sched, var, shape, batch)
+    exact = False
+    try:
+        with torch_threads(threads):
+            x = StepChannel(seed_file, 0, bits).decode(unpack_indices(p.body[:offsets[1]], p.chunks[0], bits),
+                                                       np.zeros(D), 1.0)
+            if progress:
+                progress(1)
+            k = K  # x holds x_{τ_k}
+            mean = pred = None
+            for s in range(1, want):
+                mean, pred = chain.p(x, k)
+                seg = p.body[offsets[s]:offsets[s + 1]]
+                if p.steps[s] > 0:
+                    idx = unpack_indices(seg, p.chunks[s], bits)
+                    x = StepChannel(seed_file, s, bits).decode(idx, mean, math.sqrt(var[k]))
+                    k -= 1
+                    mean = pred = None
+                else:  # the tail
+                    stack = Stack(np.frombuffer(seg, dtype="<u4"))
+                    std = math.sqrt(var[1])
+                    parts = [stack.pop_categorical(pixel_probs(mean[a:a + PIXEL_CHUNK], std))
+                             for a in range(0, D, PIXEL_CHUNK)]
+                    if stack.words().size:
+                        raise DecodeError("the lossless tail did not end where it should: the file is corrupt")
+                    u = np.concatenate(parts).astype(np.uint8).reshape(shape)
+                    exact = True
+                if progress:
+                    progress(1)
+            if not exact:
+                if reconstruct is Reconstruct.PREDICT:
+                    if pred is None:
+                        _, pred = chain.p(x, k)
+                    u = _u8(pred, shape)
+                else:
+                    gen = torch.Generator().manual_seed(seed)
+                    xt = torch.from_numpy(x.reshape(shape))
+                    outs = []
+                    for a, b in chain.spans:
+                        kw = dict(x_start=xt[a:b], from_k=k)
+                        if reconstruct is Reconstruct.SAMPLE:
+                            outs.append(sample(model.net, sched, (b - a, C, size, size), gen, var, **kw))
+                        else:
+                            outs.append(ddim_sample(model.net, sched, (b - a, C, size, size), gen, **kw))
+                    u = _u8(torch.cat(outs).to(torch.float64).numpy().reshape(-1), shape)
+    except ValueError as e:
+        if isinstance(e, (DecodeError, FormatError)):
+            raise
+        raise DecodeError(f"the payload does not decode ({e})") from None
+    images, i = [], 0
+    for name, (hh, ww) in zip(names, shapes):
+        ny, nx = tile_layout(hh, ww, size)
+        images.append((name, from_units(u[i:i + ny * nx], hh, ww)))
+        i += ny * nx
+    if exact and pixels_digest([im for _, im in images]) != h["pixels_sha256"]:
+        raise DecodeError("decoded pixels do not match the original's checksum; nothing was written")
+    dims = sum(im.size for _, im in images)
+    head = len(data) - len(p.body) - (4 if p.complete_file else 0)
+    read = head + int(offsets[want]) + 4  # as the file that stops there (with its final CRC)
+    return LossyDecodeResult(images=images, bits_per_dim=8 * read / dims, seconds=time.perf_counter() - t0,
+                             step=p.steps[want - 1], segments_read=want, segments_in_file=len(p.sizes),
+                             truncated=whole < len(p.sizes), exact=exact)
