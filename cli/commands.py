@@ -10,7 +10,8 @@ import numpy as np
 from .main import InputError, cli, emit_json, user_errors
 
 SOURCES_HELP = ("mnist[:train|valid|test], fashion-mnist[:train|test], cifar10:PATH[:train|test], "
-                "photos[:train|heldout|all] (scikit-image's photos), or a folder of images")
+                "photos[:train|heldout|all] (scikit-image's photos), wallpapers[:train|heldout|all] (Debian's "
+                "plasma-workspace-wallpapers photographs), photos+wallpapers:SPLIT, or a folder of images")
 
 
 @cli.command()

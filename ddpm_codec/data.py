@@ -5,13 +5,16 @@ network are float tensors [B, C, H, W] in [-1, 1] via x = 2·u/255 − 1.
 
 Sources (``--data``): ``mnist[:train|valid|test]``, ``fashion-mnist[:train|test]``,
 ``cifar10:PATH[:train|test]``, ``photos[:train|heldout|all]`` (scikit-image's
-bundled photos), or a folder of images. Fixed-size sources give an
+bundled photos), ``wallpapers[:train|heldout|all]`` (the photographs of Debian's
+plasma-workspace-wallpapers, downscaled), photo sources joined with ``+``
+(``photos+wallpapers:train``), or a folder of images. Fixed-size sources give an
 ``ArraySource``; photo sources give random crops (``CropSource``).
 """
 from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
 import struct
@@ -34,6 +37,13 @@ PHOTO_NAMES = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry
                "retina", "colorwheel", "stereo_motorcycle", "camera", "moon", "coins", "brick", "grass",
                "gravel", "cell", "clock", "text", "page"]
 HELDOUT_PHOTOS = ["astronaut", "coffee", "camera"]
+# Debian's plasma-workspace-wallpapers: the photographs among them (the rest are renders). JPEG
+# originals of 2560 px and more, used downscaled ≥ 4× (box filter), so their JPEG artefacts vanish.
+WALLPAPER_DIR = Path("/usr/share/wallpapers")
+WALLPAPER_PHOTOS = ["BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
+                    "Kite", "OneStandsOut", "Path", "summer_1am"]
+HELDOUT_WALLPAPERS = ["EveningGlow", "Path"]
+WALLPAPER_SHORT_SIDE = 400
 
 
 class DataError(ValueError):
@@ -272,6 +282,18 @@ def load_photos(names: list[str], channels: int) -> list[np.ndarray]:
     return out
 
 
+def load_wallpaper(name: str, root: Path = WALLPAPER_DIR) -> np.ndarray:
+    """The largest image of a wallpaper, reduced by the integer factor (≥ 2) that brings its short
+    side to at most ``WALLPAPER_SHORT_SIDE``: uint8 [H, W, 3]."""
+    files = sorted((root / name).glob("contents/images/*"), key=lambda p: p.stat().st_size)
+    files = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DataError(f"wallpaper {name!r} not found under {root} (Debian: apt install plasma-workspace-wallpapers)")
+    im = Image.open(files[-1]).convert("RGB")
+    factor = max(2, math.ceil(min(im.size) / WALLPAPER_SHORT_SIDE))
+    return np.asarray(im.reduce(factor))
+
+
 def parse_split(spec: str, default: str) -> tuple[str, str]:
     name, _, split = spec.partition(":")
     return name, split or default
@@ -280,6 +302,19 @@ def parse_split(spec: str, default: str) -> tuple[str, str]:
 def load_source(spec: str, default_split: str = "train", crop: int = 32, channels: int = 3):
     """Resolve a ``--data`` source spec (module doc) to an ArraySource or CropSource."""
     name, split = parse_split(spec, default_split)
+    if "+" in name:  # photo sources together: photos+wallpapers:train
+        if not set(name.split("+")) <= {"photos", "wallpapers"}:
+            raise DataError("only photo sources (photos, wallpapers) can be joined with +")
+        parts = [load_source(f"{n}:{split}", default_split, crop, channels) for n in name.split("+")]
+        return CropSource(f"{name}:{split}", [im for p in parts for im in p.photos], crop)
+    if name == "wallpapers":
+        if split not in ("train", "heldout", "all"):
+            raise DataError(f"wallpapers has splits train, heldout, all; not {split!r}")
+        names = {"train": [n for n in WALLPAPER_PHOTOS if n not in HELDOUT_WALLPAPERS], "heldout": HELDOUT_WALLPAPERS,
+                 "all": WALLPAPER_PHOTOS}[split]
+        if channels != 3:
+            raise DataError("wallpapers are colour photos")
+        return CropSource(f"wallpapers:{split}", [load_wallpaper(n) for n in names], crop)
     if name == "mnist":
         return ArraySource(f"mnist:{split}", load_mnist(split))
     if name == "fashion-mnist":

@@ -138,6 +138,7 @@ def encode_lossy(
     index_bits: int = DEFAULT_INDEX_BITS,
     kl_per_chunk: float = DEFAULT_KL_PER_CHUNK,
     batch: int = DEFAULT_LOSSY_BATCH,
+    temperature: float = 0.0,
     record: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> LossyEncodeResult:
@@ -202,7 +203,7 @@ def encode_lossy(
         zero = np.zeros_like(x0)
         kl = float(kl_bits(mu_q, s_q, zero, 1.0).sum())
         c0 = time.perf_counter()
-        ch = StepChannel(seed, 0, index_bits)
+        ch = StepChannel(seed, 0, index_bits, temperature, threads)
         idx, x = ch.encode(mu_q, s_q, zero, 1.0, min(chunk_count(kl, kl_per_chunk), x0.size))
         ch_seconds += time.perf_counter() - c0
         add(Segment(int(sched.timesteps[K]), idx.size, packed_bytes(idx.size, index_bits), kl),
@@ -221,7 +222,7 @@ def encode_lossy(
                 s_q, s_p = math.sqrt(sched.beta_tilde[k]), math.sqrt(var[k])
                 kl = float(kl_bits(post, s_q, mean, s_p).sum())
                 c0 = time.perf_counter()
-                ch = StepChannel(seed, K - k + 1, index_bits)
+                ch = StepChannel(seed, K - k + 1, index_bits, temperature, threads)
                 idx, x_new = ch.encode(post, s_q, mean, s_p, min(chunk_count(kl, kl_per_chunk), x0.size))
                 ch_seconds += time.perf_counter() - c0
                 if not add(Segment(int(sched.timesteps[k - 1]), idx.size, packed_bytes(idx.size, index_bits), kl),
@@ -231,7 +232,9 @@ def encode_lossy(
             else:  # the tail: x_0 exactly with the L_0 decoder
                 c0 = time.perf_counter()
                 u = units.reshape(-1).astype(np.int64)
-                std = math.sqrt(var[1])
+                scale = _tail_scale(u, mean, math.sqrt(var[1]))
+                header["tail_scale"] = scale
+                std = math.sqrt(var[1]) * scale
                 stack = Stack()
                 nll = 0.0
                 starts = list(range(0, u.size, PIXEL_CHUNK))
@@ -253,6 +256,23 @@ def encode_lossy(
     return LossyEncodeResult(data=data, dims=dims, seconds=time.perf_counter() - t0, net_seconds=timed.seconds,
                              channel_seconds=ch_seconds, segments=segs, header_bytes=len(data) - body_len,
                              complete=complete, recon=recon)
+
+
+TAIL_SCALES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
+def _tail_scale(u: np.ndarray, mean: np.ndarray, std: float, n: int = 1 << 15) -> float:
+    """The decoder's std for the tail, as a multiple of σ_1: x_1 reached through the channel is
+    further from x_0 than a true draw of q, so a wider L_0 decoder codes x_0 cheaper. The encoder
+    picks the scale of least code length on (at most) ``n`` evenly spread pixels; it goes in the header."""
+    sel = np.linspace(0, u.size - 1, min(n, u.size)).astype(np.int64)
+    rows = np.arange(sel.size)
+
+    def bits(sc: float) -> float:
+        p = pixel_probs(mean[sel], std * sc)[rows, u[sel]]
+        return float(-np.log2(np.maximum(p, 2.0**-24)).sum())
+
+    return min(TAIL_SCALES, key=bits)
 
 
 @dataclass
@@ -346,6 +366,9 @@ def decode_lossy(
         seed_file, bits = int(h["seed"]), int(h["index_bits"])
         threads, batch = int(h["threads"]), int(h["batch"])
         var = model.variance(p.sched, VarianceType(h["variance"]))
+        tail_scale = float(h["tail_scale"]) if h["tail"] else 1.0
+        if not 0.1 <= tail_scale <= 100:
+            raise FormatError("header: bad tail scale")
         if batch < 1 or max(p.chunks, default=0) > n_units * C * size * size:
             raise FormatError("header: bad batch or chunk count")
     except (KeyError, TypeError, ValueError) as e:
@@ -373,7 +396,7 @@ def decode_lossy(
     exact = False
     try:
         with torch_threads(threads):
-            x = StepChannel(seed_file, 0, bits).decode(unpack_indices(p.body[:offsets[1]], p.chunks[0], bits),
+            x = StepChannel(seed_file, 0, bits, workers=threads).decode(unpack_indices(p.body[:offsets[1]], p.chunks[0], bits),
                                                        np.zeros(D), 1.0)
             if progress:
                 progress(1)
@@ -384,12 +407,12 @@ def decode_lossy(
                 seg = p.body[offsets[s]:offsets[s + 1]]
                 if p.steps[s] > 0:
                     idx = unpack_indices(seg, p.chunks[s], bits)
-                    x = StepChannel(seed_file, s, bits).decode(idx, mean, math.sqrt(var[k]))
+                    x = StepChannel(seed_file, s, bits, workers=threads).decode(idx, mean, math.sqrt(var[k]))
                     k -= 1
                     mean = pred = None
                 else:  # the tail
                     stack = Stack(np.frombuffer(seg, dtype="<u4"))
-                    std = math.sqrt(var[1])
+                    std = math.sqrt(var[1]) * tail_scale
                     parts = [stack.pop_categorical(pixel_probs(mean[a:a + PIXEL_CHUNK], std))
                              for a in range(0, D, PIXEL_CHUNK)]
                     if stack.words().size:

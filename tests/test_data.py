@@ -123,3 +123,28 @@ def test_photos_source_keeps_the_heldout_photos_out():
     assert not any(np.array_equal(a, b) for a in train.photos for b in held.photos)
     assert "astronaut" in HELDOUT_PHOTOS
     assert train.sample(np.random.default_rng(0), 3).shape == (3, 32, 32, 3)
+
+
+def test_wallpapers_are_downscaled_and_join_other_photo_sources(tmp_path, monkeypatch):
+    from ddpm_codec import data
+
+    for name, size in [("Path", (900, 500)), ("EveningGlow", (640, 480)), ("BytheWater", (2560, 1600))]:
+        d = tmp_path / name / "contents" / "images"
+        d.mkdir(parents=True)
+        Image.fromarray(np.full((size[1], size[0], 3), 90, np.uint8)).save(d / f"{size[0]}x{size[1]}.jpg")
+    im = data.load_wallpaper("BytheWater", root=tmp_path)
+    assert im.shape == (400, 640, 3)  # 1600 / 4
+    assert data.load_wallpaper("EveningGlow", root=tmp_path).shape == (240, 320, 3)  # always at least 2×
+    with pytest.raises(DataError, match="plasma-workspace-wallpapers"):
+        data.load_wallpaper("Kite", root=tmp_path)
+    monkeypatch.setattr(data, "WALLPAPER_PHOTOS", ["Path", "EveningGlow", "BytheWater"])
+    monkeypatch.setattr(data, "HELDOUT_WALLPAPERS", ["Path"])
+    monkeypatch.setattr(data, "WALLPAPER_DIR", tmp_path)
+    monkeypatch.setattr(data.load_wallpaper, "__defaults__", (tmp_path,))
+    src = load_source("wallpapers:train", crop=32)
+    assert src.name == "wallpapers:train" and len(src.photos) == 2
+    assert len(load_source("wallpapers:heldout", crop=32).photos) == 1
+    with pytest.raises(DataError, match="splits"):
+        load_source("wallpapers:valid", crop=32)
+    with pytest.raises(DataError, match="only photo sources"):
+        load_source("mnist+wallpapers:train", crop=32)

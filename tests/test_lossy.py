@@ -1,0 +1,221 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import tiny_images
+from PIL import Image
+
+from ddpm_codec import checkpoint
+from ddpm_codec.cli.main import cli
+from ddpm_codec.codec import DecodeError
+from ddpm_codec.coding.channel import StepChannel, kl_bits, pack_indices, unpack_indices
+from ddpm_codec.coding.container import FormatError
+from ddpm_codec.lossy import Reconstruct, decode_lossy, encode_lossy, lossy_info
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal") / "cal.pt"
+    return checkpoint.calibrate(tiny_checkpoint, tiny_images(16, seed=9), torch.Generator().manual_seed(0), "tiny",
+                                out=out)
+
+
+def named(n, seed=5):
+    return [(f"i{i}.png", im) for i, im in enumerate(tiny_images(n, seed=seed))]
+
+
+@pytest.fixture(scope="module")
+def full(calibrated):
+    imgs = named(12)
+    return imgs, encode_lossy(imgs, calibrated, steps=20, batch=5, record=True)
+
+
+def test_index_packing_round_trips():
+    rng = np.random.default_rng(0)
+    for bits in (1, 7, 8, 11, 16):
+        idx = rng.integers(0, 1 << bits, 37)
+        data = pack_indices(idx, bits)
+        assert len(data) == math.ceil(37 * bits / 8)
+        assert np.array_equal(unpack_indices(data, 37, bits), idx)
+
+
+def test_channel_decodes_the_encoders_sample_and_tracks_q():
+    rng = np.random.default_rng(1)
+    D = 4000
+    mu_p = rng.normal(size=D)
+    mu_q = mu_p + 0.3 * rng.normal(size=D)
+    s_p, s_q = 1.0, 0.8
+    kl = float(kl_bits(mu_q, s_q, mu_p, s_p).sum())
+    ch = StepChannel(seed=3, step=2, index_bits=8)
+    n = round(kl / 6)
+    idx, x = ch.encode(mu_q, s_q, mu_p, s_p, n)
+    assert idx.shape == (n,) and idx.min() >= 0 and idx.max() < 256
+    assert np.array_equal(ch.decode(idx, mu_p, s_p), x)  # bit-identical on the receiver's side
+    # the sample carries most of q's offset from p (MRC's approximation: not all of it)
+    d = mu_q - mu_p
+    slope = float((x - mu_p) @ d / (d @ d))
+    assert 0.6 < slope < 1.1
+    z = (x - mu_q) / s_q
+    assert abs(z.mean()) < 0.1 and 0.8 < z.var() < 1.3
+    # a sample from p with no chunks: both sides draw the same one
+    assert np.array_equal(ch.encode(mu_q, s_q, mu_p, s_p, 0)[1], ch.decode(np.zeros(0, np.int64), mu_p, s_p))
+
+
+def test_full_file_decodes_exactly_and_every_step_matches(full, calibrated):
+    imgs, res = full
+    assert res.complete and res.segments[-1].step == 0 and len(res.segments) == 21
+    dec = decode_lossy(res.data, calibrated)
+    assert dec.exact and not dec.truncated and dec.step == 0
+    for (_, a), (_, b) in zip(dec.images, imgs):
+        assert np.array_equal(a, b)
+    assert dec.bits_per_dim == pytest.approx(res.bits_per_dim)
+    # the receiver's reconstruction at a middle step is the encoder's recorded one
+    mid = len(res.segments) // 2
+    d = decode_lossy(res.data, calibrated, upto_step=res.segments[mid].step)
+    assert d.step == res.segments[mid].step and not d.exact
+    rec = np.concatenate([im[None] for _, im in d.images]).transpose(0, 3, 1, 2)
+    assert np.array_equal(rec, res.recon[mid])
+
+
+def test_rate_grows_and_distortion_falls_over_the_chain(full):
+    imgs, res = full
+    x = np.concatenate([im[None] for _, im in imgs]).transpose(0, 3, 1, 2).astype(float)
+    rmse = [math.sqrt(np.mean((r.astype(float) - x) ** 2)) for r in res.recon]
+    sizes = np.cumsum([s.bytes for s in res.segments])
+    assert np.all(np.diff(sizes) >= 0) and rmse[-1] == 0
+    assert rmse[-2] < rmse[len(rmse) // 2] < rmse[0]
+    assert sum(s.kl_bits for s in res.segments[:-1]) > 0
+
+
+def test_truncated_file_decodes_to_its_last_whole_step(full, calibrated):
+    imgs, res = full
+    info = lossy_info(res.data)
+    assert info["lossless_tail"] and len(info["segments"]) == 21
+    tail = res.segments[-1].bytes
+    cut = res.data[:len(res.data) - 4 - tail - 1]  # inside the last channel segment
+    d = decode_lossy(cut, calibrated)
+    assert d.truncated and not d.exact and d.segments_read < d.segments_in_file
+    assert lossy_info(cut)["truncated"]
+    # cut exactly at a segment boundary: the same as asking for that step
+    ok = decode_lossy(res.data, calibrated, upto_step=d.step)
+    for (_, a), (_, b) in zip(d.images, ok.images):
+        assert np.array_equal(a, b)
+    with pytest.raises(FormatError, match="truncated|header"):
+        decode_lossy(res.data[:40], calibrated)
+
+
+def test_corrupt_lossy_files_are_refused(full, calibrated):
+    _, res = full
+    data = bytearray(res.data)
+    body_start = len(data) - 4 - sum(s.bytes for s in res.segments)
+    j = next(i for i, s in enumerate(res.segments) if s.bytes)  # first non-empty segment
+    pos = body_start + sum(s.bytes for s in res.segments[:j])
+    bad = bytes(data[:pos]) + bytes([data[pos] ^ 0x10]) + bytes(data[pos + 1:])
+    with pytest.raises(FormatError, match="checksum"):
+        decode_lossy(bad, calibrated)
+    with pytest.raises(FormatError, match="checksum"):  # also when cut short after the damage
+        decode_lossy(bad[:-10], calibrated)
+    with pytest.raises(FormatError, match="unexpected bytes"):
+        decode_lossy(res.data + b"\0", calibrated)
+    with pytest.raises(FormatError, match="checksum"):
+        decode_lossy(res.data[:20] + bytes([res.data[20] ^ 1]) + res.data[21:], calibrated)
+
+
+def test_stop_step_and_rate_limit(calibrated):
+    imgs = named(6, seed=2)
+    a = encode_lossy(imgs, calibrated, steps=20, stop_step=30)
+    assert not a.complete and a.segments[-1].step >= 30
+    assert all(s.step >= 30 for s in a.segments)
+    full = encode_lossy(imgs, calibrated, steps=20)
+    # the stopped file is the full file's prefix, re-framed: same segments
+    assert [s.bytes for s in a.segments] == [s.bytes for s in full.segments[:len(a.segments)]]
+    r = encode_lossy(imgs, calibrated, steps=20, rate=full.bits_per_dim * 0.6)
+    assert r.bits_per_dim <= full.bits_per_dim * 0.6 and len(r.segments) < len(full.segments)
+    d = decode_lossy(a.data, calibrated)
+    assert d.step == a.segments[-1].step and not d.truncated
+    for how in (Reconstruct.SAMPLE, Reconstruct.DDIM):
+        out = decode_lossy(a.data, calibrated, reconstruct=how)
+        assert all(im.shape == (8, 8, 1) and im.dtype == np.uint8 for _, im in out.images)
+
+
+def test_decoder_in_another_process_with_other_threads(calibrated, tmp_path):
+    imgs = named(5, seed=4)
+    res = encode_lossy(imgs, calibrated, steps=10, batch=2)
+    f = tmp_path / "x.ddpm"
+    f.write_bytes(res.data)
+    r = subprocess.run([sys.executable, "-c", "from ddpm_codec.cli.main import main; main()", "--threads", "2",
+                        "decode", str(f), "--model", str(calibrated.path), "-o", str(tmp_path / "out"), "--json"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["exact"] is True
+
+
+def test_cli_lossy_commands(calibrated, tmp_path):
+    for i, im in enumerate(tiny_images(3, seed=8)):
+        Image.fromarray(im[..., 0]).save(tmp_path / f"d{i}.png")
+    pngs = [str(tmp_path / f"d{i}.png") for i in range(3)]
+    m = ["--model", str(calibrated.path)]
+    run = CliRunner().invoke
+    a = str(tmp_path / "a.ddpm")
+    r = run(cli, ["encode", *pngs, "-o", a, "--lossy", "--steps", "10", "--json", *m], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["exact"] and out["bytes"] == os.path.getsize(a)
+    i = json.loads(run(cli, ["info", a, "--json"]).stdout)
+    assert i["format_version"] == 2 and i["mode"] == "lossy" and len(i["segments"]) == 11
+    r = run(cli, ["decode", a, "-o", str(tmp_path / "o"), "--upto-step", "50", "--json", *m])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["step"] >= 50 and not d["exact"] and d["bits_per_dim"] < out["bits_per_dim"]
+    r = run(cli, ["decode", a, "-o", str(tmp_path / "e"), "--json", *m])
+    assert json.loads(r.stdout)["exact"]
+    for n in range(3):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "e" / f"d{n}.png")),
+                              np.asarray(Image.open(tmp_path / f"d{n}.png")))
+    (tmp_path / "cut.ddpm").write_bytes(open(a, "rb").read()[:-30])
+    r = run(cli, ["decode", str(tmp_path / "cut.ddpm"), "-o", str(tmp_path / "c"), *m])
+    assert r.exit_code == 0 and "truncated" in r.stderr
+    bad = [
+        ["encode", pngs[0], "-o", str(tmp_path / "b.ddpm"), "--rate", "1", *m],  # --rate without --lossy
+        ["encode", pngs[0], "-o", str(tmp_path / "b.ddpm"), "--lossy", "--rate", "1", "--stop-step", "3", *m],
+        ["decode", a, "-o", str(tmp_path / "o2"), "--upto-step", "x", *m],
+        ["encode", pngs[0], "-o", str(tmp_path / "b.ddpm"), "--lossy", "--kl-per-chunk", "40", *m],
+    ]
+    for args in bad:
+        r = run(cli, args)
+        assert r.exit_code == 2, (args, r.output)
+    assert not (tmp_path / "b.ddpm").exists()
+
+
+def test_other_model_is_refused(full, tiny_checkpoint):
+    _, res = full
+    with pytest.raises(DecodeError, match="model"):
+        decode_lossy(res.data, checkpoint.load(tiny_checkpoint))
+
+
+def test_rd_report(calibrated, tmp_path):
+    for i, im in enumerate(tiny_images(4, seed=3)):
+        Image.fromarray(im[..., 0]).save(tmp_path / f"d{i}.png")
+    rep = tmp_path / "rep"
+    args = ["rd", *[str(tmp_path / f"d{i}.png") for i in range(4)], "--model", str(calibrated.path), "--steps", "10",
+            "--report", str(rep), "--json"]
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["monotone_rate"] and all(c["same_pixels"] for c in s["decode_checks"])
+    full = json.loads((rep / "rd.json").read_text())
+    rows = full["rows"]
+    assert len(rows) == 11 and rows[-1]["rmse"] == 0 and rows[-1]["t"] == 0
+    assert rows[-1]["coded_rate"] == pytest.approx(s["bits_per_dim"])
+    assert {"jpeg_per_file", "webp_per_file", "jpeg_one_image", "webp_one_image"} <= set(full["classic"])
+    assert all(p["rmse"] >= 0 and p["bits_per_dim"] > 0 for p in full["classic"]["jpeg_per_file"])
+    assert "png" in full["lossless"]
+    for f in ("rd.md", "rd.png", "progressive.png"):
+        assert (rep / f).stat().st_size > 0
+    assert CliRunner().invoke(cli, args).exit_code == 2  # no overwrite without --force
