@@ -224,7 +224,7 @@ def plot(report: dict, path: Path) -> None:
 
     rows = [r for r in report["rows"] if r["t"] > 0]
     rev = [r["reverse_step"] for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.2))
     ax[0].plot(rev, [r["kl_rate"] for r in rows], label="KL rate")
     ax[0].plot(rev, [r["coded_rate"] for r in rows], "--", label="coded rate")
     ax[0].set(xlabel="reverse step (T − t + 1 over the chain)", ylabel="bits/dim", title="Rate")
@@ -243,6 +243,14 @@ def plot(report: dict, path: Path) -> None:
     top = max(r["coded_rate"] for r in report["rows"])
     ax[2].set(xlabel="bits/dim", ylabel="RMSE [0, 255]", title="Distortion vs rate", xlim=(0, top * 1.05))
     ax[2].legend(fontsize=7)
+    # PSNR at low rates, where a progressive code matters most
+    lim = min(1.5, top)
+    ax[3].plot([r["coded_rate"] for r in rows], [r["psnr"] for r in rows], "k-", lw=2, label="ddpm-codec (coded)")
+    for name, pts in report["classic"].items():
+        ax[3].plot([p["bits_per_dim"] for p in pts], [p["psnr"] for p in pts], styles.get(name, "-"),
+                   label=name.replace("_", " "), ms=4)
+    ax[3].set(xlabel="bits/dim", ylabel="PSNR (dB)", title=f"PSNR vs rate (≤ {lim:.2g} bits/dim)", xlim=(0, lim))
+    ax[3].legend(fontsize=7)
     title = report["summary"]["title"]
     if title:
         fig.suptitle(title)
