@@ -559,18 +559,25 @@ def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_boun
 @click.option("--n", type=click.IntRange(min=1), default=1000, show_default=True, help="Mutated files to decode.")
 @click.option("--steps", "K", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lossy", is_flag=True, help="Fuzz a progressive file: each mutant must be refused or decode to "
+                                            "exactly what the intact file gives at the same step.")
 @user_errors
-def bench_fuzz(model, n, K, seed):
+def bench_fuzz(model, n, K, seed, lossy):
     """Decode N mutated copies of a small archive (bit flips, truncations, insertions): each must
     be refused with a one-line reason or decode to exactly the original. JSON counts."""
     from ddpm_codec import checkpoint
     from ddpm_codec.codec import encode_lossless
-    from ddpm_codec.eval.fuzz import fuzz
+    from ddpm_codec.eval.fuzz import fuzz, fuzz_lossy
 
     lm = checkpoint.resolve(model, 1)
     rng = np.random.default_rng(seed)
     originals = [rng.integers(0, 256, (lm.image_size, lm.image_size, lm.channels), dtype=np.uint8) // 128 * 255
                  for _ in range(2)]
+    if lossy:
+        from ddpm_codec.lossy import encode_lossy
+
+        res = encode_lossy([(f"{i}.png", im) for i, im in enumerate(originals)], lm, K)
+        return emit_json(fuzz_lossy(res.data, lm, n, seed))
     res = encode_lossless([(f"{i}.png", im) for i, im in enumerate(originals)], lm, K)
     emit_json(fuzz(res.data, originals, lm, n, seed))
 

@@ -43,3 +43,31 @@ def fuzz(data: bytes, originals: list[np.ndarray], model: LoadedModel, n: int, s
                 raise AssertionError("a mutated file decoded to a different image")
         counts["decoded_exactly"] += 1
     return {**counts, "mutants": n, "reasons": reasons}
+
+
+def fuzz_lossy(data: bytes, model: LoadedModel, n: int, seed: int = 0) -> dict:
+    """Decode ``n`` mutants of a progressive file. Each must be refused with a clear error, or
+    decode (a file cut short) to exactly what the intact file gives at the same step — never to
+    anything else. Counts refusals, exact prefixes (and how many were full decodes)."""
+    from ddpm_codec.lossy import decode_lossy
+
+    rng = np.random.default_rng(seed)
+    reference: dict[int, list[np.ndarray]] = {}
+    counts = {"refused": 0, "decoded_prefix": 0, "decoded_whole": 0}
+    reasons: dict[str, int] = {}
+    for _ in range(n):
+        m = mutate(data, rng)
+        try:
+            out = decode_lossy(m, model)
+        except (FormatError, DecodeError, ValueError) as e:
+            counts["refused"] += 1
+            key = str(e).split(":")[0][:60]
+            reasons[key] = reasons.get(key, 0) + 1
+            continue
+        if out.step not in reference:
+            reference[out.step] = [im for _, im in decode_lossy(data, model, upto_step=out.step).images]
+        for (_, a), b in zip(out.images, reference[out.step]):
+            if not np.array_equal(a, b):
+                raise AssertionError("a mutated progressive file decoded to something its intact prefix does not")
+        counts["decoded_whole" if not out.truncated else "decoded_prefix"] += 1
+    return {**counts, "mutants": n, "reasons": reasons}

@@ -219,3 +219,12 @@ def test_rd_report(calibrated, tmp_path):
     for f in ("rd.md", "rd.png", "progressive.png"):
         assert (rep / f).stat().st_size > 0
     assert CliRunner().invoke(cli, args).exit_code == 2  # no overwrite without --force
+
+
+def test_fuzzed_lossy_files_are_refused_or_decode_a_true_prefix(calibrated):
+    from ddpm_codec.eval.fuzz import fuzz_lossy
+
+    res = encode_lossy(named(3, seed=6), calibrated, steps=8)
+    r = fuzz_lossy(res.data, calibrated, n=40, seed=1)
+    assert r["refused"] + r["decoded_prefix"] + r["decoded_whole"] == 40
+    assert r["refused"] >= 20 and r["decoded_prefix"] >= 1
