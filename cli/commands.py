@@ -126,11 +126,14 @@ def _check_writable(out: Path, force: bool) -> None:
 @click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated"]), default=None,
               help="Reverse-process variance σ²: β, β̃, or calibrated from the model's measured x̂_0 error "
               "(`ddpm-codec calibrate`). Default: calibrated if the model has it (as `encode`), else β̃.")
+@click.option("--spacing", type=click.Choice(["optimal", "even"]), default=None,
+              help="Which K steps: optimal (least expected bound, from the model's calibration; the default "
+                   "for calibrated models) or evenly spaced.")
 @click.option("--batch", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
-def nll(inputs, model, K, n, method, samples, variance, batch, seed, as_json):
+def nll(spacing, inputs, model, K, n, method, samples, variance, batch, seed, as_json):
     """Bits/dim of images through the variational bound L_T + Σ L_{t-1} + L_0.
 
     INPUTS are image files, or one data source (mnist:test, fashion-mnist:test,
@@ -167,7 +170,7 @@ def nll(inputs, model, K, n, method, samples, variance, batch, seed, as_json):
         h, w, c = images.shape[1:]
         raise InputError(f"images are {h}×{w}×{c} but model {lm.path.name} takes "
                          f"{lm.image_size}×{lm.image_size}×{lm.channels}")
-    sched = lm.schedule if K is None or K == lm.schedule.T else lm.schedule.respace_to(K)
+    sched = lm.chain(K, spacing)
     var = VarianceType(variance) if variance else lm.default_variance()
     try:
         res = dataset_nll(lm, images, sched, torch.Generator().manual_seed(seed), BoundMethod(method),
@@ -283,6 +286,9 @@ def _png_bytes(arr: np.ndarray) -> bytes:
               help="Reverse-process variance (default: calibrated if the model has it, else beta_tilde).")
 @click.option("--grid-bits", type=click.IntRange(0, 8), default=2, show_default=True,
               help="Latent grid δ_t = √β_t / 2^b.")
+@click.option("--spacing", type=click.Choice(["optimal", "even"]), default=None,
+              help="Which K steps: optimal (least expected bound, from the model's calibration; the default "
+                   "for calibrated models) or evenly spaced.")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Images (tiles) per network batch (default: 100 lossless, 256 lossy).")
 @click.option("--lossy", is_flag=True,
@@ -299,8 +305,8 @@ def _png_bytes(arr: np.ndarray) -> bytes:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
-def encode(images, out, model, K, variance, grid_bits, batch, lossy, rate, stop_step, index_bits, kl_per_chunk,
-           force, as_json):
+def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, rate, stop_step, index_bits,
+           kl_per_chunk, force, as_json):
     """Compress images into one .ddpm file: lossless (bits-back ANS) or, with --lossy, progressive.
 
     Several images make one archive (its initial bits are paid once); an image
@@ -341,11 +347,11 @@ def encode(images, out, model, K, variance, grid_bits, batch, lossy, rate, stop_
         raise InputError("give --rate or --stop-step, not both")
     if lossy:
         return _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bits, kl_per_chunk,
-                             force, as_json)
+                             force, as_json, spacing)
     n_units = count_tiles([im.shape[:2] for _, im in loaded], lm.image_size)
     with tqdm(total=n_units, file=sys.stderr, unit="tile", disable=as_json and n_units < 2) as bar:
         res = encode_lossless(loaded, lm, K or DEFAULT_STEPS, VarianceType(variance) if variance else None,
-                              grid_bits, batch or 100, progress=bar.update)
+                              grid_bits, batch or 100, progress=bar.update, spacing=spacing)
     _write_atomic(out, res.data, force)
     summary = {"file": str(out), "bytes": len(res.data), "bits_per_dim": res.bits_per_dim,
                "initial_bits": res.initial_bits, "dims": res.dims, "images": len(loaded), "steps": K or DEFAULT_STEPS,
@@ -357,7 +363,8 @@ def encode(images, out, model, K, variance, grid_bits, batch, lossy, rate, stop_
                    f"(initial bits {res.initial_bits / res.dims:.3f} bits/dim of that), {res.seconds:.1f} s", err=True)
 
 
-def _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bits, kl_per_chunk, force, as_json):
+def _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bits, kl_per_chunk, force, as_json,
+                  spacing=None):
     from tqdm import tqdm
 
     from ddpm_codec.coding.channel import DEFAULT_INDEX_BITS, DEFAULT_KL_PER_CHUNK
@@ -373,7 +380,7 @@ def _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bi
     with tqdm(total=K + 1, file=sys.stderr, unit="step", disable=as_json) as bar:
         res = encode_lossy(loaded, lm, K, VarianceType(variance) if variance else None, stop_step=stop_step,
                            rate=rate, index_bits=bits, kl_per_chunk=kpc, batch=batch or DEFAULT_LOSSY_BATCH,
-                           progress=bar.update)
+                           spacing=spacing, progress=bar.update)
     _write_atomic(out, res.data, force)
     last = res.segments[-1].step
     kl = sum(s.kl_bits for s in res.segments) / res.dims
@@ -526,8 +533,10 @@ def info(file, as_json):
 @click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated"]), default=None)
 @click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--no-bound", is_flag=True, help="Skip the bound of the same chain (saves K network calls/image).")
+@click.option("--spacing", type=click.Choice(["optimal", "even"]), default=None,
+              help="Which K steps (default: optimal for calibrated models).")
 @user_errors
-def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_bound):
+def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_bound, spacing):
     """Coded bits/dim against the bound of the same K-step chain, initial bits, and time
     (encode and decode, network and coder apart, and the network alone). JSON lines."""
     from ddpm_codec import checkpoint
@@ -544,7 +553,8 @@ def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_boun
         images = [(f"{i}.png", im) for i, im in enumerate(src.take(n))]
     for K in [int(k) for k in Ks.split(",")]:
         for b in [int(g) for g in grids.split(",")]:
-            r = bench_images(lm, images, K, VarianceType(variance) if variance else None, b, batch, not no_bound)
+            r = bench_images(lm, images, K, VarianceType(variance) if variance else None, b, batch, not no_bound,
+                             spacing)
             r["model"] = lm.model_id
             click.echo(f"K={K} b={b}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
                        + (f", bound {r['bound_bits_per_dim']:.4f} (×{r['net_over_bound']:.3f})" if "bound_bits_per_dim" in r else "")

@@ -18,7 +18,7 @@ import torch
 
 from .diffusion import VarianceType, model_variance
 from .nets.unet import UNet, UNetConfig
-from .schedule import Schedule, schedule_from_spec
+from .schedule import Schedule, optimal_steps, schedule_from_spec
 
 FORMAT = "ddpm-codec-checkpoint"
 VERSION = 1
@@ -65,6 +65,21 @@ class LoadedModel:
         if var_type is VarianceType.CALIBRATED and self.x0_mse is None:
             raise CheckpointError(f"{self.path.name} has no variance calibration; run `ddpm-codec calibrate` on it")
         return model_variance(sched, var_type, self.x0_mse)
+
+    def chain(self, K: int | None, spacing: str | None = None) -> Schedule:
+        """The K-step chain the codec and ``nll --steps K`` use. ``spacing`` "optimal" (the default
+        for a calibrated model): the steps of least expected bound (``schedule.optimal_steps``,
+        computed from the calibration); "even": evenly spaced. K None or T: the full schedule."""
+        if not K or K == self.schedule.T:
+            return self.schedule
+        spacing = spacing or ("optimal" if self.x0_mse is not None else "even")
+        if spacing == "optimal":
+            if self.x0_mse is None:
+                raise CheckpointError(f"{self.path.name} has no calibration to choose steps with; use even spacing")
+            return self.schedule.respace(optimal_steps(self.schedule, self.x0_mse, K))
+        if spacing != "even":
+            raise ValueError(f"unknown spacing {spacing!r}")
+        return self.schedule.respace_to(K)
 
     @property
     def channels(self) -> int:

@@ -154,9 +154,11 @@ def encode_lossless(
     batch: int = DEFAULT_BATCH,
     progress: Callable[[int], None] | None = None,
     first_batch: int = 1,
+    spacing: str | None = None,
 ) -> EncodeResult:
     """Encode named uint8 images [H, W, C] (C = the model's channels) into one .ddpm file.
-    ``var_type`` None: the calibrated variance if the model has it, else β̃."""
+    ``var_type`` None: the calibrated variance if the model has it, else β̃. ``spacing``: of the
+    K steps (``LoadedModel.chain``; default optimal for a calibrated model)."""
     t0 = time.perf_counter()
     if var_type is None:
         var_type = model.default_variance()
@@ -165,7 +167,7 @@ def encode_lossless(
         if im.ndim != 3 or im.shape[2] != C or im.dtype != np.uint8:
             raise ValueError(f"{name}: {im.shape[-1] if im.ndim == 3 else '?'}-channel image, the model takes {C}")
     units = np.concatenate([to_units(im, size) for _, im in images])
-    sched = model.schedule if not steps or steps == model.schedule.T else model.schedule.respace_to(steps)
+    sched = model.chain(steps, spacing)
     timed = _TimedNet(model.net)
     coder = ChainCoder(timed, sched, model.variance(sched, var_type), grid_bits)
     threads = torch.get_num_threads()

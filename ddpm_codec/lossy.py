@@ -139,6 +139,7 @@ def encode_lossy(
     kl_per_chunk: float = DEFAULT_KL_PER_CHUNK,
     batch: int = DEFAULT_LOSSY_BATCH,
     temperature: float = 0.0,
+    spacing: str | None = None,
     record: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> LossyEncodeResult:
@@ -158,7 +159,7 @@ def encode_lossy(
         if im.ndim != 3 or im.shape[2] != C or im.dtype != np.uint8:
             raise ValueError(f"{name}: {im.shape[-1] if im.ndim == 3 else '?'}-channel image, the model takes {C}")
     units = np.concatenate([to_units(im, size) for _, im in images])
-    sched = model.schedule if not steps or steps == model.schedule.T else model.schedule.respace_to(steps)
+    sched = model.chain(steps, spacing)
     K = sched.K
     k_stop = 0 if not stop_step else _chain_index(sched, int(stop_step))
     var = model.variance(sched, var_type)

@@ -152,3 +152,50 @@ def schedule_from_spec(spec: dict) -> Schedule:
     if steps is None or list(steps) == list(range(1, full.T + 1)):
         return full
     return full.respace(steps)
+
+
+def step_costs(sched: "Schedule", x0_mse: np.ndarray) -> np.ndarray:
+    """Expected bits per dimension of the reverse step from t down to s (s < t), C[t, s], for a
+    model with the calibrated variance σ² = β̃_{s|t} + c_{s|t}² e(t) (``diffusion.model_variance``):
+    E KL(q(x_s | x_t, x_0) ‖ p_θ(x_s | x_t)) = ½ log2(1 + c² e(t) / β̃) per dimension, where
+    c is the posterior coefficient of x_0 and β̃ the posterior variance of the jump t → s.
+    Entries with s ≥ t are +inf. Needs the full schedule (K = T)."""
+    if sched.K != sched.T:
+        raise ValueError("step costs are for the full schedule")
+    T = sched.T
+    ab = sched.alpha_bar  # [T+1], ab[0] = 1
+    e = np.asarray(x0_mse, dtype=np.float64)
+    t = np.arange(T + 1)[:, None]
+    s = np.arange(T + 1)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        beta = 1.0 - ab[t] / ab[s]  # β of the jump s → t
+        bt = (1.0 - ab[s]) / (1.0 - ab[t]) * beta  # β̃ of t → s
+        c = np.sqrt(ab[s]) * beta / (1.0 - ab[t])
+        cost = 0.5 * np.log2(1.0 + c**2 * e[t] / bt)
+    cost[~((s < t) & (s >= 1))] = np.inf
+    return cost
+
+
+def optimal_steps(sched: "Schedule", x0_mse: np.ndarray, K: int) -> list[int]:
+    """The K-step subsequence 1 = τ_1 < … < τ_K = T of least expected bound (its Σ L_{t−1}; L_T
+    and L_0 do not depend on the choice once τ_1 = 1 and τ_K = T), by dynamic programming over
+    ``step_costs`` (Watson et al. 2021, "Learning to efficiently sample from diffusion models")."""
+    T = sched.T
+    if not 2 <= K <= T:
+        return even_steps(T, K)
+    C = step_costs(sched, x0_mse)  # C[t, s]
+    best = np.full(T + 1, np.inf)  # best[t]: least cost of a path from T down to t with k steps
+    best[T] = 0.0
+    back = np.zeros((K, T + 1), dtype=np.int64)
+    for k in range(1, K):
+        tot = best[:, None] + C  # [t, s]: come from t, land on s
+        arg = np.argmin(tot, axis=0)
+        best = tot[arg, np.arange(T + 1)]
+        back[k] = arg
+    path = [1]
+    for k in range(K - 1, 0, -1):
+        path.append(int(back[k][path[-1]]))
+    steps = sorted(path)
+    if steps[0] != 1 or steps[-1] != T or len(set(steps)) != K:  # pragma: no cover - DP invariant
+        raise AssertionError("step optimisation produced an invalid path")
+    return steps

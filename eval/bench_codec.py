@@ -26,8 +26,9 @@ def network_only_seconds(model: LoadedModel, units: np.ndarray, K: int, sizes: l
 
 
 def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: int,
-                 var_type: VarianceType | None, grid_bits: int, batch: int, with_bound: bool = True) -> dict:
-    res = encode_lossless(images, model, K, var_type, grid_bits, batch)
+                 var_type: VarianceType | None, grid_bits: int, batch: int, with_bound: bool = True,
+                 spacing: str | None = None) -> dict:
+    res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing)
     t0 = time.perf_counter()
     dec = decode(res.data, model)
     dec_s = time.perf_counter() - t0
@@ -37,6 +38,7 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
     payload_bits = 8 * (len(res.data) - res.header_bytes) - res.initial_bits
     out = {
         "images": len(images), "dims": res.dims, "steps": K, "variance": res.variance, "grid_bits": grid_bits,
+        "spacing": spacing or ("optimal" if model.x0_mse is not None else "even"),
         "batch": batch, "bytes": len(res.data), "bits_per_dim": res.bits_per_dim,
         "initial_bits": res.initial_bits, "initial_bits_per_dim": res.initial_bits / res.dims,
         "header_bytes": res.header_bytes, "net_bits_per_dim": payload_bits / res.dims, "exact": exact,
@@ -47,7 +49,7 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
 
     out["classic_one_file_per_image"] = lossless_table([im for _, im in images])
     if with_bound and all(im.shape[:2] == (model.image_size, model.image_size) for _, im in images):
-        sched = model.schedule.respace_to(K)
+        sched = model.chain(K, spacing)
         x0 = to_model_space(np.stack([im for _, im in images]))
         var = model.variance(sched, VarianceType(res.variance))
         with torch.no_grad():

@@ -60,3 +60,33 @@ def test_spec_round_trip():
     r = schedule_from_spec(s.spec())
     np.testing.assert_array_equal(r.alpha_bar, s.alpha_bar)
     assert r.kind is ScheduleKind.COSINE
+
+
+def test_optimal_steps_is_the_least_cost_path():
+    import itertools
+
+    from ddpm_codec.schedule import optimal_steps, step_costs
+
+    T = 40
+    sched = make_schedule(ScheduleKind.LINEAR, T)
+    rng = np.random.default_rng(0)
+    e = np.concatenate([[0.0], np.sort(rng.uniform(0.001, 0.5, T))])  # x̂_0 error grows with t
+    C = step_costs(sched, e)
+
+    def cost(steps):
+        p = sorted(steps)[::-1]
+        return sum(C[a, b] for a, b in zip(p, p[1:]))
+
+    for K in (2, 3, 5):
+        got = optimal_steps(sched, e, K)
+        assert got[0] == 1 and got[-1] == T and len(got) == K
+        brute = min(cost([1, *mid, T]) for mid in itertools.combinations(range(2, T), K - 2))
+        assert cost(got) == pytest.approx(brute)
+        assert cost(got) <= cost(even_steps(T, K)) + 1e-12
+    # a one-step jump t → s costs ½ log2(1 + c² e(t) / β̃) per dimension
+    ab = sched.alpha_bar
+    beta = 1 - ab[7] / ab[3]
+    bt = (1 - ab[3]) / (1 - ab[7]) * beta
+    c = np.sqrt(ab[3]) * beta / (1 - ab[7])
+    assert C[7, 3] == pytest.approx(0.5 * np.log2(1 + c**2 * e[7] / bt))
+    assert np.isinf(C[3, 7]) and np.isinf(C[5, 0])
