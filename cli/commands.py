@@ -490,35 +490,44 @@ def decode(file, out, model, upto_step, reconstruct, seed, force, as_json):
 
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", default=None, help="Checkpoint path, if the file's model is not a shipped one (to list "
+                                           "the step numbers of a chain of optimal steps).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
-def info(file, as_json):
+def info(file, model, as_json):
     """Describe a .ddpm file: format version, mode, model, images, steps."""
     from ddpm_codec.codec import info as run
     from ddpm_codec.coding.container import read_header
 
     data = file.read_bytes()
-    if read_header(data).get("mode") == "lossy":
+    header = read_header(data)
+    try:
+        lm = _model_for(header.get("model", "?"), model)
+    except InputError:
+        lm = None  # the steps of an optimal chain stay unnamed
+    if header.get("mode") == "lossy":
         from ddpm_codec.lossy import lossy_info
 
-        i = lossy_info(data)
+        i = lossy_info(data, lm)
         if as_json:
             return emit_json(i)
         tail = ", lossless tail" if i["lossless_tail"] else ""
         click.echo(f"{file}: .ddpm version {i['format_version']}, lossy (progressive), model {i['model']}, "
-                   f"{len(i['images'])} image(s), {len(i['steps'])}-step chain ({i['schedule']}, T = {i['T']}), "
+                   f"{len(i['images'])} image(s), {i['K']}-step chain ({i['spacing']} steps, {i['schedule']}, "
+                   f"T = {i['T']}), "
                    f"{len(i['segments'])} segments{tail}, {i['bytes']} bytes"
                    f"{' (TRUNCATED)' if i['truncated'] else ''}")
         click.echo("  segment  step  chunks    bytes  cumulative bits/dim")
         for n, r in enumerate(i["segments"]):
             click.echo(f"  {n:7d} {r['step']:5d} {r['chunks']:7d} {r['bytes']:8d}  {r['bits_per_dim']:.4f}")
         return
-    i = run(data)
+    i = run(data, lm)
     if as_json:
         emit_json(i)
     else:
+        n_steps = i["K"] or len(i["steps"] or [])
         click.echo(f"{file}: .ddpm version {i['format_version']}, {i['mode']}, model {i['model']}, "
-                   f"{len(i['images'])} image(s), {len(i['steps'])} steps ({i['schedule']}, T = {i['T']}), "
+                   f"{len(i['images'])} image(s), {n_steps} steps ({i['spacing']}, {i['schedule']}, T = {i['T']}), "
                    f"σ² {i['variance']}, {i['bytes']} bytes (initial bits {i['initial_bits']})")
 
 

@@ -81,6 +81,22 @@ class LoadedModel:
             raise ValueError(f"unknown spacing {spacing!r}")
         return self.schedule.respace_to(K)
 
+    def chain_spec(self, K: int | None, spacing: str | None = None) -> dict:
+        """The header's description of ``chain(K, spacing)``: optimal steps are named, not listed
+        (the decoder has the model, whose id fixes the calibration they come from)."""
+        sched = self.chain(K, spacing)
+        if sched.steps != self.schedule.steps and sched.spec().get("K") is None:
+            return {"kind": self.schedule.kind.value, "T": self.schedule.T, "K": sched.K, "spacing": "optimal"}
+        return sched.spec()
+
+    def chain_from_spec(self, spec: dict) -> Schedule:
+        """The chain a file's header names (``chain_spec``) or lists."""
+        if spec.get("spacing") == "optimal":
+            if spec.get("kind") != self.schedule.kind.value or int(spec.get("T", -1)) != self.schedule.T:
+                raise ValueError("the header's schedule is not the model's")
+            return self.chain(int(spec["K"]), "optimal")
+        return schedule_from_spec(spec)
+
     @property
     def channels(self) -> int:
         return self.config.in_channels

@@ -197,7 +197,7 @@ def encode_lossless(
         "mode": Mode.LOSSLESS.value,
         "encoder": f"ddpm-codec {__version__}",
         "model": model.model_id,
-        "schedule": sched.spec(),
+        "schedule": model.chain_spec(steps, spacing),
         "variance": var_type.value,
         "grid_bits": grid_bits,
         "batches": sizes,
@@ -216,12 +216,22 @@ def encode_lossless(
                         header_bytes=len(data) - 4 * payload.size, variance=var_type.value)
 
 
-def info(data: bytes) -> dict:
+def header_steps(spec: dict, model: LoadedModel | None) -> list[int] | None:
+    """The step subsequence a header names; None for optimal steps without the model to compute them."""
+    if spec.get("spacing") == "optimal":
+        return model.chain_from_spec(spec).steps if model is not None else None
+    return schedule_from_spec(spec).steps
+
+
+def info(data: bytes, model: LoadedModel | None = None) -> dict:
     c = Container.from_bytes(data)
     h = c.header
     images = [{"name": n, "height": s[0], "width": s[1]} for n, s in zip(h["names"], h["shapes"])]
+    model = model if model is not None and model.model_id == h["model"] else None
     return {"format_version": h["_version"], "mode": h["mode"], "model": h["model"], "images": images,
-            "steps": schedule_from_spec(h["schedule"]).steps, "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
+            "steps": header_steps(h["schedule"], model), "K": h["schedule"].get("K"),
+            "spacing": h["schedule"].get("spacing", "listed"),
+            "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
             "variance": h["variance"], "grid_bits": h["grid_bits"], "bytes": len(data),
             "payload_words": h["payload_words"], "initial_bits": 32 * (h["seed_words"]["count"] -
                                                                          h["seed_words"]["dropped"])}
@@ -240,7 +250,7 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         size, C = int(h["tile"]), int(h["channels"])
         if size != model.image_size or C != model.channels:
             raise DecodeError("the file's tile shape does not fit the model")
-        sched = schedule_from_spec(h["schedule"])
+        sched = model.chain_from_spec(h["schedule"])
         coder = ChainCoder(model.net, sched, model.variance(sched, VarianceType(h["variance"])), int(h["grid_bits"]))
         shapes = [(int(a), int(b)) for a, b in h["shapes"]]
         names = [str(n) for n in h["names"]]

@@ -172,7 +172,7 @@ def encode_lossy(
     dims = sum(im.size for _, im in images)
     header = {
         "mode": Mode.LOSSY.value, "encoder": f"ddpm-codec {__version__}", "model": model.model_id,
-        "schedule": sched.spec(), "variance": var_type.value, "threads": threads, "batch": batch,
+        "schedule": model.chain_spec(steps, spacing), "variance": var_type.value, "threads": threads, "batch": batch,
         "tile": size, "channels": C, "names": [n for n, _ in images],
         "shapes": [[int(im.shape[0]), int(im.shape[1])] for _, im in images],
         "pixels_sha256": digest, "seed": seed, "index_bits": index_bits,
@@ -288,21 +288,29 @@ class _Parsed:
     crcs: list[int]
 
 
-def _parse(data: bytes) -> _Parsed:
+def _parse(data: bytes, model: LoadedModel | None = None) -> _Parsed:
+    """The file's structure. Optimal steps (named, not listed, in the header) need ``model``
+    to know their step numbers; without it ``steps`` holds -1 for every channel segment."""
     h, body, complete = unpack_segments(data)
     try:
         if h["mode"] != Mode.LOSSY.value:
             raise FormatError(f"mode {h['mode']!r} in a segmented file")
-        sched = schedule_from_spec(h["schedule"])
+        spec = h["schedule"]
+        if spec.get("spacing") == "optimal":
+            sched = model.chain_from_spec(spec) if model is not None else None
+            K = int(spec["K"])
+        else:
+            sched = schedule_from_spec(spec)
+            K = sched.K
         bits = int(h["index_bits"])
         chunks = [int(c) for c in h["chunks"]]
         crcs = [int(c) for c in h["crc16"]]
         tail = bool(h["tail"])
-        if not 1 <= bits <= 16 or len(chunks) > sched.K or min(chunks, default=0) < 0:
+        if not 1 <= bits <= 16 or len(chunks) > K or min(chunks, default=0) < 0:
             raise FormatError("header: bad channel parameters")
         if len(crcs) != len(chunks) + tail:
             raise FormatError("header: segment checks do not match the segments")
-        if tail and len(chunks) != sched.K:
+        if tail and len(chunks) != K:
             raise FormatError("header: a tail without the whole chain")
         sizes = [packed_bytes(c, bits) for c in chunks]
         if tail:
@@ -311,7 +319,7 @@ def _parse(data: bytes) -> _Parsed:
                 raise FormatError("header: segment sizes do not add up to the payload")
         elif sum(sizes) != h["payload_bytes"]:
             raise FormatError("header: segment sizes do not add up to the payload")
-        steps = segment_steps(sched)[:len(sizes)]
+        steps = (segment_steps(sched) if sched is not None else [-1] * K + [0])[:len(sizes)]
         if tail:
             steps[-1] = 0
         return _Parsed(h, body, complete, sched, steps, sizes, chunks, crcs)
@@ -321,8 +329,10 @@ def _parse(data: bytes) -> _Parsed:
         raise FormatError(f"malformed header ({type(e).__name__}: {e})") from None
 
 
-def lossy_info(data: bytes) -> dict:
-    p = _parse(data)
+def lossy_info(data: bytes, model: LoadedModel | None = None) -> dict:
+    """Segments and sizes; the step numbers of optimal chains need the file's ``model``."""
+    h0 = unpack_segments(data)[0]
+    p = _parse(data, model if model is not None and model.model_id == h0.get("model") else None)
     h = p.header
     dims = sum(a * b for a, b in h["shapes"]) * int(h["channels"])
     head = len(data) - len(p.body) - (4 if p.complete_file else 0)
@@ -333,7 +343,8 @@ def lossy_info(data: bytes) -> dict:
     return {
         "format_version": h["_version"], "mode": h["mode"], "model": h["model"],
         "images": [{"name": n, "height": s[0], "width": s[1]} for n, s in zip(h["names"], h["shapes"])],
-        "steps": p.sched.steps, "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
+        "steps": p.sched.steps if p.sched is not None else None, "K": h["schedule"].get("K", p.sched.K if p.sched is not None else None),
+        "spacing": h["schedule"].get("spacing", "listed"), "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
         "variance": h["variance"], "index_bits": h["index_bits"], "bytes": len(data),
         "segments": rows, "lossless_tail": bool(h["tail"]), "truncated": not p.complete_file,
     }
@@ -351,10 +362,11 @@ def decode_lossy(
     file goes) and reconstruct; with the tail (t = 0) the exact pixels, checked against the
     original's SHA-256. A short file decodes up to its last whole segment."""
     t0 = time.perf_counter()
-    p = _parse(data)
+    h0 = unpack_segments(data)[0]
+    if h0.get("model") != model.model_id:
+        raise DecodeError(f"the file was made with model {h0.get('model')}, not {model.model_id}")
+    p = _parse(data, model)
     h = p.header
-    if h["model"] != model.model_id:
-        raise DecodeError(f"the file was made with model {h['model']}, not {model.model_id}")
     try:
         size, C = int(h["tile"]), int(h["channels"])
         if size != model.image_size or C != model.channels:

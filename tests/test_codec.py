@@ -52,8 +52,9 @@ def test_archive_with_a_tiled_image_round_trips(calibrated, var):
     for (_, a), (_, b) in zip(imgs, out.images):
         np.testing.assert_array_equal(a, b)
     assert 0 < res.initial_bits < 8 * len(res.data)
-    i = info(res.data)
-    assert i["format_version"] == 1 and i["mode"] == "lossless" and len(i["steps"]) == 20
+    i = info(res.data, calibrated)
+    assert i["format_version"] == 1 and i["mode"] == "lossless" and len(i["steps"]) == 20 and i["K"] == 20
+    assert i["spacing"] == "optimal" and info(res.data)["steps"] is None  # named, not listed, in the header
     assert i["model"] == calibrated.model_id and [m["name"] for m in i["images"]][-1] == "big.png"
 
 
@@ -72,7 +73,7 @@ def test_rate_approaches_the_bound_for_many_images(calibrated):
                           calibrated.variance(sched, VarianceType.CALIBRATED)).total.mean().item()
 
     sched = calibrated.chain(20)  # the codec's chain: the steps of least expected bound
-    assert info(res.data)["steps"] == sched.steps
+    assert info(res.data, calibrated)["steps"] == sched.steps
     b = bound(sched)
     net = (8 * (len(res.data) - res.header_bytes) - res.initial_bits) / res.dims
     assert net == pytest.approx(b, rel=0.05), (net, b)

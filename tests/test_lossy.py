@@ -95,8 +95,10 @@ def test_rate_grows_and_distortion_falls_over_the_chain(full):
 
 def test_truncated_file_decodes_to_its_last_whole_step(full, calibrated):
     imgs, res = full
-    info = lossy_info(res.data)
-    assert info["lossless_tail"] and len(info["segments"]) == 21
+    info = lossy_info(res.data, calibrated)
+    assert info["lossless_tail"] and len(info["segments"]) == 21 and len(info["steps"]) == 20
+    assert [r["step"] for r in info["segments"]] == [*info["steps"][::-1], 0]
+    assert lossy_info(res.data)["segments"][1]["step"] == -1  # optimal steps: unnamed without the model
     tail = res.segments[-1].bytes
     cut = res.data[:len(res.data) - 4 - tail - 1]  # inside the last channel segment
     d = decode_lossy(cut, calibrated)
