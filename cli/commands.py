@@ -284,7 +284,7 @@ def _png_bytes(arr: np.ndarray) -> bytes:
               help="K-step respaced chain (default: 100; more steps: lower rate, slower).")
 @click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated"]), default=None,
               help="Reverse-process variance (default: calibrated if the model has it, else beta_tilde).")
-@click.option("--grid-bits", type=click.IntRange(0, 8), default=2, show_default=True,
+@click.option("--grid-bits", type=click.IntRange(0, 8), default=1, show_default=True,
               help="Latent grid δ_t = √β_t / 2^b.")
 @click.option("--spacing", type=click.Choice(["optimal", "even"]), default=None,
               help="Which K steps: optimal (least expected bound, from the model's calibration; the default "
@@ -538,7 +538,7 @@ def info(file, model, as_json):
 @click.option("--image", "image_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Image files instead of a source (e.g. a photo coded through tiles).")
 @click.option("--steps", "Ks", default="100", show_default=True, help="Comma-separated K values to measure.")
-@click.option("--grid-bits", "grids", default="2", show_default=True, help="Comma-separated b values.")
+@click.option("--grid-bits", "grids", default="1", show_default=True, help="Comma-separated b values.")
 @click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated"]), default=None)
 @click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--no-bound", is_flag=True, help="Skip the bound of the same chain (saves K network calls/image).")
