@@ -10,7 +10,7 @@ posterior coded against the model's reverse step by reverse-channel coding
 
 The receiver may stop after any segment holding x_t and reconstruct x̂_0 from it (the paper's
 progressive estimate, or by running the model down from x_t). A file cut at a segment
-boundary is a valid file of lower rate; each segment carries a CRC-16 in the header, so a
+boundary is a valid file of lower rate; each segment has an 8-bit check in the header, so a
 truncated file decodes up to its last whole segment and anything else corrupt is refused.
 
 All images (tiles) of a file share each step: the network runs on fixed batches of units (part
@@ -88,8 +88,15 @@ class LossyDecodeResult:
     exact: bool
 
 
-def _crc16(b: bytes) -> int:
-    return zlib.crc32(b) & 0xFFFF
+def _check(b: bytes) -> str:
+    """A segment's check: the low byte of its CRC-32, as two hex digits. A complete file's payload
+    has its own CRC-32, so these only guard files cut short; empty segments have none."""
+    return f"{zlib.crc32(b) & 0xFF:02x}"
+
+
+def _seed(digest: str) -> int:
+    """The channel's shared seed, from the original pixels' SHA-256 (in the header anyway)."""
+    return int(digest[:15], 16)
 
 
 class _Chain:
@@ -167,7 +174,7 @@ def encode_lossy(
     chain = _Chain(timed, sched, var, units.shape, batch)
     threads = torch.get_num_threads()
     digest = pixels_digest([im for _, im in images])
-    seed = int(digest[:15], 16)
+    seed = _seed(digest)
     x0 = units.reshape(-1).astype(np.float64) * (2.0 / 255.0) - 1.0
     dims = sum(im.size for _, im in images)
     header = {
@@ -175,7 +182,7 @@ def encode_lossy(
         "schedule": model.chain_spec(steps, spacing), "variance": var_type.value, "threads": threads, "batch": batch,
         "tile": size, "channels": C, "names": [n for n, _ in images],
         "shapes": [[int(im.shape[0]), int(im.shape[1])] for _, im in images],
-        "pixels_sha256": digest, "seed": seed, "index_bits": index_bits,
+        "pixels_sha256": digest, "index_bits": index_bits,
     }
     segs: list[Segment] = []
     bodies: list[bytes] = []
@@ -184,7 +191,7 @@ def encode_lossy(
 
     def file_bytes(tail: bool) -> bytes:
         h = dict(header, chunks=[s.chunks for s in segs if s.step > 0],
-                 crc16=[_crc16(b) for b in bodies], tail=tail)
+                 checks="".join(_check(b) for b in bodies if b), tail=tail)
         return pack_segments(h, b"".join(bodies))
 
     def add(seg: Segment, body: bytes, tail: bool = False) -> bool:
@@ -285,7 +292,7 @@ class _Parsed:
     steps: list[int]  # τ per segment present in the header, in file order
     sizes: list[int]  # bytes per segment
     chunks: list[int]
-    crcs: list[int]
+    checks: list[str | None]  # per segment; None for an empty one
 
 
 def _parse(data: bytes, model: LoadedModel | None = None) -> _Parsed:
@@ -304,12 +311,11 @@ def _parse(data: bytes, model: LoadedModel | None = None) -> _Parsed:
             K = sched.K
         bits = int(h["index_bits"])
         chunks = [int(c) for c in h["chunks"]]
-        crcs = [int(c) for c in h["crc16"]]
+        checks = str(h["checks"])
         tail = bool(h["tail"])
         if not 1 <= bits <= 16 or len(chunks) > K or min(chunks, default=0) < 0:
             raise FormatError("header: bad channel parameters")
-        if len(crcs) != len(chunks) + tail:
-            raise FormatError("header: segment checks do not match the segments")
+
         if tail and len(chunks) != K:
             raise FormatError("header: a tail without the whole chain")
         sizes = [packed_bytes(c, bits) for c in chunks]
@@ -322,7 +328,10 @@ def _parse(data: bytes, model: LoadedModel | None = None) -> _Parsed:
         steps = (segment_steps(sched) if sched is not None else [-1] * K + [0])[:len(sizes)]
         if tail:
             steps[-1] = 0
-        return _Parsed(h, body, complete, sched, steps, sizes, chunks, crcs)
+        if len(checks) != 2 * sum(1 for n in sizes if n):
+            raise FormatError("header: segment checks do not match the segments")
+        it = iter(checks[i:i + 2] for i in range(0, len(checks), 2))
+        return _Parsed(h, body, complete, sched, steps, sizes, chunks, [next(it) if n else None for n in sizes])
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, FormatError):
             raise
@@ -376,7 +385,7 @@ def decode_lossy(
         if len(names) != len(shapes):
             raise FormatError("header: names and shapes differ in number")
         n_units = count_tiles(shapes, size)
-        seed_file, bits = int(h["seed"]), int(h["index_bits"])
+        seed_file, bits = _seed(str(h["pixels_sha256"])), int(h["index_bits"])
         threads, batch = int(h["threads"]), int(h["batch"])
         var = model.variance(p.sched, VarianceType(h["variance"]))
         tail_scale = float(h["tail_scale"]) if h["tail"] else 1.0
@@ -393,7 +402,7 @@ def decode_lossy(
     whole = 0
     while whole < len(p.sizes) and offsets[whole + 1] <= len(p.body):
         seg = p.body[offsets[whole]:offsets[whole + 1]]
-        if _crc16(seg) != p.crcs[whole]:
+        if p.checks[whole] is not None and _check(seg) != p.checks[whole]:
             raise FormatError(f"segment {whole} (step {p.steps[whole]}) fails its checksum: the file is corrupt")
         whole += 1
     if whole == 0:

@@ -15,7 +15,7 @@ version, a bad checksum and a truncated or over-long file with a one-line reason
 
 Versions: 1 is the lossless file above (payload in 32-bit words). 2 adds the progressive
 lossy file: the same layout with a payload of ``payload_bytes`` bytes made of segments
-(one per coded step, their lengths and CRC-16s in the header), so a file cut short still
+(one per coded step, their chunk counts and 8-bit checks in the header), so a file cut short still
 decodes up to its last whole segment (``unpack_segments``). Writers use the lowest version
 that can express the file, so lossless files stay readable by version-1 readers.
 """
