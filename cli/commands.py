@@ -133,7 +133,7 @@ def _check_writable(out: Path, force: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
-def nll(spacing, inputs, model, K, n, method, samples, variance, batch, seed, as_json):
+def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, as_json):
     """Bits/dim of images through the variational bound L_T + Σ L_{t-1} + L_0.
 
     INPUTS are image files, or one data source (mnist:test, fashion-mnist:test,

@@ -55,6 +55,7 @@ class LoadedModel:
     path: Path
     train: dict = field(default_factory=dict)
     x0_mse: np.ndarray | None = None  # e(t), t = 0 … T: see VarianceType.CALIBRATED
+    _optimal: dict = field(default_factory=dict, repr=False)  # K -> chain of optimal steps
 
     def default_variance(self) -> VarianceType:
         """The calibrated variance when the model has a calibration, else β̃ (the coder's and nll's default)."""
@@ -72,20 +73,25 @@ class LoadedModel:
         computed from the calibration); "even": evenly spaced. K None or T: the full schedule."""
         if not K or K == self.schedule.T:
             return self.schedule
+        if self._spacing(spacing) == "even":
+            return self.schedule.respace_to(K)
+        if K not in self._optimal:  # a DP over T² jumps: once per K, shared by encoder, decoder and info
+            self._optimal[K] = self.schedule.respace(optimal_steps(self.schedule, self.x0_mse, K))
+        return self._optimal[K]
+
+    def _spacing(self, spacing: str | None) -> str:
         spacing = spacing or ("optimal" if self.x0_mse is not None else "even")
-        if spacing == "optimal":
-            if self.x0_mse is None:
-                raise CheckpointError(f"{self.path.name} has no calibration to choose steps with; use even spacing")
-            return self.schedule.respace(optimal_steps(self.schedule, self.x0_mse, K))
-        if spacing != "even":
+        if spacing not in ("optimal", "even"):
             raise ValueError(f"unknown spacing {spacing!r}")
-        return self.schedule.respace_to(K)
+        if spacing == "optimal" and self.x0_mse is None:
+            raise CheckpointError(f"{self.path.name} has no calibration to choose steps with; use even spacing")
+        return spacing
 
     def chain_spec(self, K: int | None, spacing: str | None = None) -> dict:
         """The header's description of ``chain(K, spacing)``: optimal steps are named, not listed
         (the decoder has the model, whose id fixes the calibration they come from)."""
         sched = self.chain(K, spacing)
-        if sched.steps != self.schedule.steps and sched.spec().get("K") is None:
+        if sched is not self.schedule and self._spacing(spacing) == "optimal":
             return {"kind": self.schedule.kind.value, "T": self.schedule.T, "K": sched.K, "spacing": "optimal"}
         return sched.spec()
 

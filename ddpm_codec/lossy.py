@@ -295,10 +295,15 @@ class _Parsed:
     checks: list[str | None]  # per segment; None for an empty one
 
 
-def _parse(data: bytes, model: LoadedModel | None = None) -> _Parsed:
-    """The file's structure. Optimal steps (named, not listed, in the header) need ``model``
-    to know their step numbers; without it ``steps`` holds -1 for every channel segment."""
+def _parse(data: bytes, model: LoadedModel | None = None, strict: bool = False) -> _Parsed:
+    """The file's structure. Optimal steps (named, not listed, in the header) need the file's
+    ``model`` to know their step numbers; without it ``steps`` holds -1 for every channel
+    segment. Another model is ignored, or refused if ``strict`` (decoding)."""
     h, body, complete = unpack_segments(data)
+    if model is not None and h.get("model") != model.model_id:
+        if strict:
+            raise DecodeError(f"the file was made with model {h.get('model')}, not {model.model_id}")
+        model = None
     try:
         if h["mode"] != Mode.LOSSY.value:
             raise FormatError(f"mode {h['mode']!r} in a segmented file")
@@ -315,7 +320,6 @@ def _parse(data: bytes, model: LoadedModel | None = None) -> _Parsed:
         tail = bool(h["tail"])
         if not 1 <= bits <= 16 or len(chunks) > K or min(chunks, default=0) < 0:
             raise FormatError("header: bad channel parameters")
-
         if tail and len(chunks) != K:
             raise FormatError("header: a tail without the whole chain")
         sizes = [packed_bytes(c, bits) for c in chunks]
@@ -340,8 +344,7 @@ def _parse(data: bytes, model: LoadedModel | None = None) -> _Parsed:
 
 def lossy_info(data: bytes, model: LoadedModel | None = None) -> dict:
     """Segments and sizes; the step numbers of optimal chains need the file's ``model``."""
-    h0 = unpack_segments(data)[0]
-    p = _parse(data, model if model is not None and model.model_id == h0.get("model") else None)
+    p = _parse(data, model)
     h = p.header
     dims = sum(a * b for a, b in h["shapes"]) * int(h["channels"])
     head = len(data) - len(p.body) - (4 if p.complete_file else 0)
@@ -371,10 +374,7 @@ def decode_lossy(
     file goes) and reconstruct; with the tail (t = 0) the exact pixels, checked against the
     original's SHA-256. A short file decodes up to its last whole segment."""
     t0 = time.perf_counter()
-    h0 = unpack_segments(data)[0]
-    if h0.get("model") != model.model_id:
-        raise DecodeError(f"the file was made with model {h0.get('model')}, not {model.model_id}")
-    p = _parse(data, model)
+    p = _parse(data, model, strict=True)
     h = p.header
     try:
         size, C = int(h["tile"]), int(h["channels"])
