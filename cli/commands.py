@@ -32,11 +32,14 @@ SOURCES_HELP = ("mnist[:train|valid|test], fashion-mnist[:train|test], cifar10:P
 @click.option("--crop", type=int, default=32, show_default=True, help="Crop size for photo sources.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-every", type=float, default=3.0, show_default=True, help="Minutes between checkpoints.")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Start from this checkpoint's EMA weights (same --size/--schedule/--T) with a fresh optimiser "
+                   "and clock, e.g. fine-tune the MNIST model on Fashion-MNIST. Ignored when resuming.")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="At the end, measure the x̂_0 error per step on 64 training images (see `calibrate`).")
 @user_errors
 def train(data, size, minutes, steps, out, schedule, T, batch, lr, ema, dropout, crop, seed, checkpoint_every,
-          calibrate):
+          init, calibrate):
     """Train an ε-network with L_simple (Algorithm 1).
 
     Adam with warm-up, EMA of the weights, gradient clipping. A checkpoint is
@@ -56,7 +59,8 @@ def train(data, size, minutes, steps, out, schedule, T, batch, lr, ema, dropout,
     net_cfg = preset_config(size, source.channels, source.image_size, dropout)
     sched = make_schedule(ScheduleKind(schedule), T)
     cfg = TrainConfig(data=data, batch_size=batch, lr=lr, ema_decay=ema, seed=seed, minutes=minutes,
-                      steps=steps, checkpoint_every_s=checkpoint_every * 60)
+                      steps=steps, checkpoint_every_s=checkpoint_every * 60,
+                      init=str(init) if init is not None else None)
     meta = run(cfg, net_cfg, sched, source, out)
     click.echo(f"trained {meta['step']} steps in {meta['elapsed_s'] / 60:.1f} min -> {out}", err=True)
     if calibrate:
@@ -298,10 +302,12 @@ def _png_bytes(arr: np.ndarray) -> bytes:
               help="Lossy: keep the steps that fit in R bits/dim (the file is at most R bits/dim).")
 @click.option("--stop-step", type=click.IntRange(min=0), default=None,
               help="Lossy: end the file with x_t (the nearest coded step ≥ t; 0: the whole chain, exact).")
-@click.option("--index-bits", type=click.IntRange(1, 16), default=None,
-              help="Lossy: bits per channel index, 2^bits candidates per chunk (default 8).")
+@click.option("--index-bits", type=click.IntRange(1, 24), default=None,
+              help="Lossy: bits per channel index, 2^bits candidates per chunk (default 16; each extra bit "
+                   "doubles the channel's time).")
 @click.option("--kl-per-chunk", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Lossy: target KL(q‖p) per chunk in bits (default 8; lower: closer to q, more bits).")
+              help="Lossy: target KL(q‖p) per chunk in bits (default 14; about index bits − 2 is best: "
+                   "lower costs spare bits, higher drifts from q).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
@@ -436,12 +442,12 @@ def decode(file, out, model, upto_step, reconstruct, seed, force, as_json):
     from tqdm import tqdm
 
     from ddpm_codec.codec import count_tiles, decode as run
-    from ddpm_codec.coding.container import read_header
+    from ddpm_codec.coding.container import read_header, unpack_names
 
     data = file.read_bytes()
     header = read_header(data)
-    names = header.get("names")
-    if not isinstance(names, list) or not names:
+    names = unpack_names(header.get("names"))
+    if not names:
         raise InputError(f"{file}: header lists no images")
     if len(names) == 1 and (out is None or not out.is_dir()):
         paths = [out or file.with_suffix(".png")]
@@ -609,9 +615,9 @@ def bench_fuzz(model, n, K, seed, lossy):
 @click.option("--n", type=click.IntRange(min=1), default=100, show_default=True,
               help="Images taken from a source (ignored for image files).")
 @click.option("--steps", "K", type=click.IntRange(min=2), default=None, help="K-step chain (default: 100).")
-@click.option("--index-bits", type=click.IntRange(1, 16), default=None, help="Channel index bits (default 8).")
+@click.option("--index-bits", type=click.IntRange(1, 24), default=None, help="Channel index bits (default 16).")
 @click.option("--kl-per-chunk", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Target KL per chunk in bits (default 8).")
+              help="Target KL per chunk in bits (default 14).")
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Tiles per network batch (default 256).")
 @click.option("--title", default="", help="Title for the report and plots.")
 @click.option("--force", is_flag=True, help="Write into a report directory that already has a report.")

@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .checkpoint import LoadedModel
 from .coding.bitsback import ChainCoder
-from .coding.container import Container, FormatError
+from .coding.container import Container, FormatError, pack_names, unpack_names
 from .coding.entropy import Stack
 from .diffusion import VarianceType
 from .schedule import schedule_from_spec
@@ -204,7 +204,7 @@ def encode_lossless(
         "threads": threads,
         "tile": size,
         "channels": C,
-        "names": [name for name, _ in images],
+        "names": pack_names([name for name, _ in images]),
         "shapes": [[int(im.shape[0]), int(im.shape[1])] for _, im in images],
         "seed_words": {"count": n_seed, "dropped": dropped},
         "pixels_sha256": pixels_digest([im for _, im in images]),
@@ -226,7 +226,7 @@ def header_steps(spec: dict, model: LoadedModel | None) -> list[int] | None:
 def info(data: bytes, model: LoadedModel | None = None) -> dict:
     c = Container.from_bytes(data)
     h = c.header
-    images = [{"name": n, "height": s[0], "width": s[1]} for n, s in zip(h["names"], h["shapes"])]
+    images = [{"name": n, "height": s[0], "width": s[1]} for n, s in zip(unpack_names(h["names"]), h["shapes"])]
     model = model if model is not None and model.model_id == h["model"] else None
     return {"format_version": h["_version"], "mode": h["mode"], "model": h["model"], "images": images,
             "steps": header_steps(h["schedule"], model), "K": h["schedule"].get("K"),
@@ -253,7 +253,7 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         sched = model.chain_from_spec(h["schedule"])
         coder = ChainCoder(model.net, sched, model.variance(sched, VarianceType(h["variance"])), int(h["grid_bits"]))
         shapes = [(int(a), int(b)) for a, b in h["shapes"]]
-        names = [str(n) for n in h["names"]]
+        names = unpack_names(h["names"])
         if len(names) != len(shapes):
             raise FormatError("header: names and shapes differ in number")
         counts = [tile_layout(hh, ww, size) for hh, ww in shapes]

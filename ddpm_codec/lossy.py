@@ -34,15 +34,16 @@ from .checkpoint import LoadedModel
 from .codec import (DecodeError, Mode, _TimedNet, count_tiles, from_units, pixels_digest, tile_layout,
                     to_units, torch_threads)
 from .coding.bitsback import PIXEL_CHUNK, pixel_probs
-from .coding.channel import (DEFAULT_INDEX_BITS, DEFAULT_KL_PER_CHUNK, StepChannel, chunk_count, kl_bits,
+from .coding.channel import (DEFAULT_INDEX_BITS, DEFAULT_KL_PER_CHUNK, DEFAULT_LAYOUT, LAYOUTS, StepChannel, chunk_count, kl_bits,
                              pack_indices, packed_bytes, unpack_indices)
-from .coding.container import FormatError, pack_segments, unpack_segments
+from .coding.container import FormatError, pack_names, pack_segments, unpack_names, unpack_segments
 from .coding.entropy import Stack
 from .diffusion import VarianceType, ddim_sample, p_step, sample
 from .schedule import Schedule, schedule_from_spec
 
 DEFAULT_LOSSY_STEPS = 100
 DEFAULT_LOSSY_BATCH = 256
+MAX_INDEX_BITS = 24
 
 
 class Reconstruct(enum.Enum):
@@ -147,6 +148,7 @@ def encode_lossy(
     batch: int = DEFAULT_LOSSY_BATCH,
     temperature: float = 0.0,
     spacing: str | None = None,
+    layout: str = DEFAULT_LAYOUT,
     record: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> LossyEncodeResult:
@@ -157,8 +159,10 @@ def encode_lossy(
     t0 = time.perf_counter()
     if var_type is None:
         var_type = model.default_variance()
-    if not 1 <= index_bits <= 16:
-        raise ValueError("index bits must be in 1..16")
+    if not 1 <= index_bits <= MAX_INDEX_BITS:
+        raise ValueError(f"index bits must be in 1..{MAX_INDEX_BITS}")
+    if layout not in LAYOUTS or (layout == "rows" and index_bits > 16):
+        raise ValueError(f"candidate layout {layout!r} with {index_bits} index bits: use window, or rows with ≤ 16")
     if not 0 < kl_per_chunk <= 2 * index_bits:
         raise ValueError("the KL per chunk must be positive and at most twice the index bits")
     size, C = model.image_size, model.channels
@@ -180,10 +184,12 @@ def encode_lossy(
     header = {
         "mode": Mode.LOSSY.value, "encoder": f"ddpm-codec {__version__}", "model": model.model_id,
         "schedule": model.chain_spec(steps, spacing), "variance": var_type.value, "threads": threads, "batch": batch,
-        "tile": size, "channels": C, "names": [n for n, _ in images],
+        "tile": size, "channels": C, "names": pack_names([n for n, _ in images]),
         "shapes": [[int(im.shape[0]), int(im.shape[1])] for _, im in images],
         "pixels_sha256": digest, "index_bits": index_bits,
     }
+    if layout != "rows":  # files before the window layout have no key: rows
+        header["candidates"] = layout
     segs: list[Segment] = []
     bodies: list[bytes] = []
     recon: list[np.ndarray] = []
@@ -211,7 +217,7 @@ def encode_lossy(
         zero = np.zeros_like(x0)
         kl = float(kl_bits(mu_q, s_q, zero, 1.0).sum())
         c0 = time.perf_counter()
-        ch = StepChannel(seed, 0, index_bits, temperature, threads)
+        ch = StepChannel(seed, 0, index_bits, temperature, threads, layout)
         idx, x = ch.encode(mu_q, s_q, zero, 1.0, min(chunk_count(kl, kl_per_chunk), x0.size))
         ch_seconds += time.perf_counter() - c0
         add(Segment(int(sched.timesteps[K]), idx.size, packed_bytes(idx.size, index_bits), kl),
@@ -230,7 +236,7 @@ def encode_lossy(
                 s_q, s_p = math.sqrt(sched.beta_tilde[k]), math.sqrt(var[k])
                 kl = float(kl_bits(post, s_q, mean, s_p).sum())
                 c0 = time.perf_counter()
-                ch = StepChannel(seed, K - k + 1, index_bits, temperature, threads)
+                ch = StepChannel(seed, K - k + 1, index_bits, temperature, threads, layout)
                 idx, x_new = ch.encode(post, s_q, mean, s_p, min(chunk_count(kl, kl_per_chunk), x0.size))
                 ch_seconds += time.perf_counter() - c0
                 if not add(Segment(int(sched.timesteps[k - 1]), idx.size, packed_bytes(idx.size, index_bits), kl),
@@ -264,6 +270,50 @@ def encode_lossy(
     return LossyEncodeResult(data=data, dims=dims, seconds=time.perf_counter() - t0, net_seconds=timed.seconds,
                              channel_seconds=ch_seconds, segments=segs, header_bytes=len(data) - body_len,
                              complete=complete, recon=recon)
+
+
+def exact_chain_kl(
+    images: list[tuple[str, np.ndarray]],
+    model: LoadedModel,
+    steps: int | None = DEFAULT_LOSSY_STEPS,
+    var_type: VarianceType | None = None,
+    spacing: str | None = None,
+    batch: int = DEFAULT_LOSSY_BATCH,
+    seed: int = 0,
+) -> list[float]:
+    """The rate the paper computes (its Table 4): per segment of ``encode_lossy``'s file, the KL
+    in bits with x_t drawn exactly from q (not through the channel): KL(q(x_T|x_0) ‖ N(0, I)),
+    then KL(q(x_{t−1}|x_t, x_0) ‖ p_θ(x_{t−1}|x_t)) per step, then −log2 p_θ(x_0|x_1) with the
+    L_0 decoder. Their sum is the variational bound of this chain on these images (one sample)."""
+    if var_type is None:
+        var_type = model.default_variance()
+    units = np.concatenate([to_units(im, model.image_size) for _, im in images])
+    sched = model.chain(steps, spacing)
+    K = sched.K
+    var = model.variance(sched, var_type)
+    chain = _Chain(model.net, sched, var, units.shape, batch)
+    rng = np.random.default_rng(seed)
+    x0 = units.reshape(-1).astype(np.float64) * (2.0 / 255.0) - 1.0
+    ab = sched.alpha_bar[K]
+    out = [float(kl_bits(math.sqrt(ab) * x0, math.sqrt(1.0 - ab), np.zeros_like(x0), 1.0).sum())]
+    x = math.sqrt(ab) * x0 + math.sqrt(1.0 - ab) * rng.standard_normal(x0.size)
+    with torch_threads(torch.get_num_threads()):
+        for k in range(K, 0, -1):
+            mean, _ = chain.p(x, k)
+            if k >= 2:
+                post = sched.post_coef_x0[k] * x0 + sched.post_coef_xt[k] * x
+                s_q = math.sqrt(sched.beta_tilde[k])
+                out.append(float(kl_bits(post, s_q, mean, math.sqrt(var[k])).sum()))
+                x = post + s_q * rng.standard_normal(x0.size)
+            else:
+                u = units.reshape(-1).astype(np.int64)
+                nll = 0.0
+                for a in range(0, u.size, PIXEL_CHUNK):
+                    probs = pixel_probs(mean[a:a + PIXEL_CHUNK], math.sqrt(var[1]))
+                    nll -= float(np.log2(np.maximum(probs[np.arange(probs.shape[0]), u[a:a + PIXEL_CHUNK]],
+                                                    2.0**-24)).sum())
+                out.append(nll)
+    return out
 
 
 TAIL_SCALES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
@@ -318,7 +368,7 @@ def _parse(data: bytes, model: LoadedModel | None = None, strict: bool = False) 
         chunks = [int(c) for c in h["chunks"]]
         checks = str(h["checks"])
         tail = bool(h["tail"])
-        if not 1 <= bits <= 16 or len(chunks) > K or min(chunks, default=0) < 0:
+        if not 1 <= bits <= MAX_INDEX_BITS or len(chunks) > K or min(chunks, default=0) < 0:
             raise FormatError("header: bad channel parameters")
         if tail and len(chunks) != K:
             raise FormatError("header: a tail without the whole chain")
@@ -354,7 +404,7 @@ def lossy_info(data: bytes, model: LoadedModel | None = None) -> dict:
         rows.append({"step": s, "bytes": n, "chunks": c, "bits_per_dim": 8 * cum / dims})
     return {
         "format_version": h["_version"], "mode": h["mode"], "model": h["model"],
-        "images": [{"name": n, "height": s[0], "width": s[1]} for n, s in zip(h["names"], h["shapes"])],
+        "images": [{"name": n, "height": s[0], "width": s[1]} for n, s in zip(unpack_names(h["names"]), h["shapes"])],
         "steps": p.sched.steps if p.sched is not None else None, "K": h["schedule"].get("K", p.sched.K if p.sched is not None else None),
         "spacing": h["schedule"].get("spacing", "listed"), "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
         "variance": h["variance"], "index_bits": h["index_bits"], "bytes": len(data),
@@ -381,11 +431,14 @@ def decode_lossy(
         if size != model.image_size or C != model.channels:
             raise DecodeError("the file's tile shape does not fit the model")
         shapes = [(int(a), int(b)) for a, b in h["shapes"]]
-        names = [str(n) for n in h["names"]]
+        names = unpack_names(h["names"])
         if len(names) != len(shapes):
             raise FormatError("header: names and shapes differ in number")
         n_units = count_tiles(shapes, size)
         seed_file, bits = _seed(str(h["pixels_sha256"])), int(h["index_bits"])
+        layout = str(h.get("candidates", "rows"))
+        if layout not in LAYOUTS:
+            raise FormatError(f"header: unknown candidate layout {layout!r}")
         threads, batch = int(h["threads"]), int(h["batch"])
         var = model.variance(p.sched, VarianceType(h["variance"]))
         tail_scale = float(h["tail_scale"]) if h["tail"] else 1.0
@@ -418,7 +471,7 @@ def decode_lossy(
     exact = False
     try:
         with torch_threads(threads):
-            x = StepChannel(seed_file, 0, bits, workers=threads).decode(unpack_indices(p.body[:offsets[1]], p.chunks[0], bits),
+            x = StepChannel(seed_file, 0, bits, workers=threads, layout=layout).decode(unpack_indices(p.body[:offsets[1]], p.chunks[0], bits),
                                                        np.zeros(D), 1.0)
             if progress:
                 progress(1)
@@ -429,7 +482,7 @@ def decode_lossy(
                 seg = p.body[offsets[s]:offsets[s + 1]]
                 if p.steps[s] > 0:
                     idx = unpack_indices(seg, p.chunks[s], bits)
-                    x = StepChannel(seed_file, s, bits, workers=threads).decode(idx, mean, math.sqrt(var[k]))
+                    x = StepChannel(seed_file, s, bits, workers=threads, layout=layout).decode(idx, mean, math.sqrt(var[k]))
                     k -= 1
                     mean = pred = None
                 else:  # the tail

@@ -31,6 +31,7 @@ class TrainConfig:
     minutes: float | None = None  # total training-time budget, summed over resumed runs
     steps: int | None = None  # total step budget
     checkpoint_every_s: float = 180.0
+    init: str | None = None  # start from this checkpoint's EMA weights (fine-tuning); fresh optimiser and clock
 
 
 def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
@@ -61,6 +62,16 @@ def train(
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     state = {"step": 0, "elapsed_s": 0.0, "losses": []}
+    init_meta = None
+    if cfg.init is not None and not out.exists():
+        src = checkpoint.read(cfg.init)
+        if src["net_config"] != net_config.to_dict() or src["schedule"] != sched.spec():
+            raise checkpoint.CheckpointError(
+                f"--init {cfg.init}: its network or schedule differs from this run's (same --size, --schedule, --T)")
+        net.load_state_dict(src["ema"])
+        ema.load_state_dict(src["ema"])
+        init_meta = {"init_source": src.get("train", {}).get("source"),
+                     "init_minutes": src.get("train", {}).get("elapsed_s", 0.0) / 60}
     if out.exists():
         ck = checkpoint.read(out)
         if ck["net_config"] != net_config.to_dict() or ck["schedule"] != sched.spec() or "optim" not in ck:
@@ -72,6 +83,7 @@ def train(
         rng.bit_generator.state = ck["rng"]["numpy"]
         gen.set_state(ck["rng"]["torch"])
         state = {k: ck["train"][k] for k in state}
+        init_meta = {k: ck["train"][k] for k in ("init_source", "init_minutes") if k in ck["train"]} or None
         print(f"resuming {out} at step {state['step']} ({state['elapsed_s'] / 60:.1f} min trained)", file=sys.stderr)
 
     def done() -> bool:
@@ -80,7 +92,8 @@ def train(
         return cfg.minutes is not None and state["elapsed_s"] >= cfg.minutes * 60
 
     def save() -> None:
-        meta = {**asdict(cfg), **state, "source": source.name, "images_seen": state["step"] * cfg.batch_size}
+        meta = {**asdict(cfg), **state, "source": source.name, "images_seen": state["step"] * cfg.batch_size,
+                **(init_meta or {})}
         checkpoint.save(out, {
             "net_config": net_config.to_dict(), "schedule": sched.spec(),
             "ema": ema.state_dict(), "raw": net.state_dict(), "optim": opt.state_dict(),

@@ -181,3 +181,23 @@ def test_batch_ramp_pays_initial_bits_for_a_small_batch_only(model):
     flat = encode_lossless(imgs, model, steps=5, batch=16, first_batch=16)
     assert ramp.initial_bits < 0.5 * flat.initial_bits
     assert [im for _, im in decode(ramp.data, model).images][-1].tobytes() == imgs[-1][1].tobytes()
+
+
+def test_numbered_names_are_stored_as_a_pattern_and_restored(model):
+    from ddpm_codec.coding.container import pack_names, read_header, unpack_names
+
+    for names in (["00000.png", "00001.png", "00002.png"], ["f9.png", "f10.png", "f11.png"],
+                  ["img-07.jpg", "img-08.jpg", "img-09.jpg"]):
+        packed = pack_names(names)
+        assert isinstance(packed, dict) and unpack_names(packed) == names
+    for names in (["a.png", "b.png", "c.png"], ["f1.png", "f3.png", "f4.png"], ["x1", "x2"], ["1.png", "2.png", "3.PNG"]):
+        assert pack_names(names) == names  # no pattern: the list as it is
+    for bad in ({"prefix": "a"}, {"prefix": "", "start": -1, "count": 2, "width": 0, "suffix": ""}, "x", [1, 2]):
+        with pytest.raises(FormatError):
+            unpack_names(bad)
+    imgs = [(f"frame{i:03d}.png", im) for i, im in enumerate(tiny_images(4, seed=3))]
+    res = encode_lossless(imgs, model, steps=4)
+    assert isinstance(read_header(res.data)["names"], dict)
+    dec = decode(res.data, model)
+    assert [n for n, _ in dec.images] == [n for n, _ in imgs]
+    assert [r["name"] for r in info(res.data)["images"]] == [n for n, _ in imgs]

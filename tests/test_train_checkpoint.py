@@ -61,6 +61,25 @@ def test_resume_refuses_another_configuration(tmp_path, tiny_checkpoint):
               tiny_checkpoint, progress=False)
 
 
+def test_init_starts_from_another_runs_weights(tmp_path, tiny_checkpoint):
+    """--init: fine-tuning starts at the given run's EMA weights, with its own clock and optimiser."""
+    sched = make_schedule(ScheduleKind.LINEAR, 100)
+    src = ArraySource("other", tiny_images(seed=4))
+    lr0 = dict(data="other", batch_size=8, seed=1, warmup_steps=5, lr=1e-12, ema_decay=1.0, steps=2)
+    train(TrainConfig(**lr0, init=str(tiny_checkpoint)), TINY, sched, src, tmp_path / "f.pt", progress=False)
+    f, base = checkpoint.read(tmp_path / "f.pt"), checkpoint.read(tiny_checkpoint)
+    assert f["train"]["step"] == 2 and f["train"]["init_source"] == "tiny"
+    for name in base["ema"]:  # a learning rate of 1e-12 leaves the starting weights (to float precision)
+        assert torch.allclose(f["raw"][name], base["ema"][name], atol=1e-6), name
+    fresh = checkpoint.read(tiny_checkpoint)  # without --init the weights come from the seed instead
+    train(TrainConfig(**lr0), TINY, sched, src, tmp_path / "g.pt", progress=False)
+    g = checkpoint.read(tmp_path / "g.pt")
+    assert not all(torch.allclose(g["raw"][n], fresh["ema"][n], atol=1e-6) for n in fresh["ema"])
+    with pytest.raises(checkpoint.CheckpointError, match="differs"):
+        train(TrainConfig(**lr0, init=str(tiny_checkpoint)), TINY, make_schedule(ScheduleKind.COSINE, 100), src,
+              tmp_path / "h.pt", progress=False)
+
+
 def test_bad_checkpoints(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(checkpoint.CheckpointError, match="not a ddpm-codec checkpoint"):
