@@ -276,3 +276,18 @@ def test_exact_chain_kl_is_the_chains_bound(calibrated):
     # segment 0 (x_T against N(0, I)) does not depend on the draw: same as the encoder's
     res = encode_lossy(imgs, calibrated, steps=10, stop_step=500)
     assert res.segments[0].kl_bits == pytest.approx(kl[0])
+
+
+def test_files_of_the_rows_layout_still_decode(calibrated):
+    """Files written before the window layout have no "candidates" key: rows of independent draws."""
+    from ddpm_codec.coding.container import unpack_segments
+
+    imgs = named(3, seed=21)
+    res = encode_lossy(imgs, calibrated, steps=8, layout="rows", index_bits=8, kl_per_chunk=6)
+    assert "candidates" not in unpack_segments(res.data)[0]
+    dec = decode_lossy(res.data, calibrated)
+    assert dec.exact and all(np.array_equal(a, b) for (_, a), (_, b) in zip(dec.images, imgs))
+    new = encode_lossy(imgs, calibrated, steps=8)
+    assert unpack_segments(new.data)[0]["candidates"] == "window"
+    with pytest.raises(ValueError, match="layout"):
+        encode_lossy(imgs, calibrated, steps=8, layout="rows", index_bits=18)
