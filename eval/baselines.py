@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image
@@ -49,4 +50,32 @@ def lossless_table(images: list[np.ndarray]) -> dict:
         sizes = [fn(im) for im in images]
         if all(s is not None for s in sizes):
             out[name] = 8 * sum(sizes) / dims
+    return out
+
+
+def grid_of(images: list[np.ndarray]) -> np.ndarray:
+    """Equal-size images side by side in a near-square grid (no padding between them)."""
+    n = len(images)
+    h, w, c = images[0].shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    g = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        g[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
+    return g
+
+
+def lossless_one_image(images: list[np.ndarray]) -> dict:
+    """bits/dim of each codec on all (equal-size) images tiled into one near-square image — how
+    REFERENCE.md quotes "all digits in one image"; the grid's empty slots are not counted as dims."""
+    if len({im.shape for im in images}) != 1:
+        return {}
+    dims = sum(im.size for im in images)
+    g = grid_of(images)
+    out = {}
+    for name, fn in [("png", png_bytes), ("webp_lossless", webp_lossless_bytes), ("jxl_lossless", jxl_lossless_bytes)]:
+        size = fn(g)
+        if size is not None:
+            out[name] = 8 * size / dims
     return out

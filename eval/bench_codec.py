@@ -45,9 +45,11 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
         "encode_s": res.seconds, "encode_network_s": res.net_seconds, "encode_coder_s": res.seconds - res.net_seconds,
         "decode_s": dec_s, "network_only_s": net_only, "encode_over_network_only": res.seconds / net_only,
     }
-    from .baselines import lossless_table
+    from .baselines import lossless_one_image, lossless_table
 
     out["classic_one_file_per_image"] = lossless_table([im for _, im in images])
+    if len(images) > 1:
+        out["classic_all_in_one_image"] = lossless_one_image([im for _, im in images])
     if with_bound and all(im.shape[:2] == (model.image_size, model.image_size) for _, im in images):
         sched = model.chain(K, spacing)
         x0 = to_model_space(np.stack([im for _, im in images]))

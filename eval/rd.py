@@ -22,7 +22,7 @@ from ddpm_codec.checkpoint import LoadedModel
 from ddpm_codec.codec import from_units, tile_layout
 from ddpm_codec.lossy import decode_lossy, encode_lossy, exact_chain_kl
 
-from .baselines import lossless_table
+from .baselines import grid_of, lossless_table
 
 JPEG_QUALITIES = (5, 10, 20, 30, 50, 70, 90)
 WEBP_QUALITIES = (0, 5, 10, 20, 40, 60, 80, 95)
@@ -49,19 +49,6 @@ def _lossy_roundtrip(arr: np.ndarray, fmt: str, quality: int) -> tuple[int, np.n
     _pil(arr).save(buf, format=fmt, **opts)
     back = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L" if arr.shape[-1] == 1 else "RGB"))
     return len(buf.getvalue()), back.reshape(arr.shape)
-
-
-def grid_of(images: list[np.ndarray]) -> np.ndarray:
-    """Equal-size images side by side in a near-square grid (no padding between them)."""
-    n = len(images)
-    h, w, c = images[0].shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    g = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, q = divmod(i, cols)
-        g[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
-    return g
 
 
 def classic_curves(images: list[np.ndarray]) -> dict:
