@@ -288,8 +288,8 @@ def _png_bytes(arr: np.ndarray) -> bytes:
               help="K-step respaced chain (default: 100; more steps: lower rate, slower).")
 @click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated"]), default=None,
               help="Reverse-process variance (default: calibrated if the model has it, else beta_tilde).")
-@click.option("--grid-bits", type=click.IntRange(0, 8), default=1, show_default=True,
-              help="Latent grid δ_t = √β_t / 2^b.")
+@click.option("--grid-bits", type=click.IntRange(0, 8), default=None,
+              help="Latent grid δ_t = √β_t / 2^b (default 1; 0 for cosine-schedule models such as mnist).")
 @click.option("--spacing", type=click.Choice(["optimal", "even"]), default=None,
               help="Which K steps: optimal (least expected bound, from the model's calibration; the default "
                    "for calibrated models) or evenly spaced.")
