@@ -297,23 +297,24 @@ def exact_chain_kl(
     ab = sched.alpha_bar[K]
     out = [float(kl_bits(math.sqrt(ab) * x0, math.sqrt(1.0 - ab), np.zeros_like(x0), 1.0).sum())]
     x = math.sqrt(ab) * x0 + math.sqrt(1.0 - ab) * rng.standard_normal(x0.size)
-    with torch_threads(torch.get_num_threads()):
-        for k in range(K, 0, -1):
-            mean, _ = chain.p(x, k)
-            if k >= 2:
-                post = sched.post_coef_x0[k] * x0 + sched.post_coef_xt[k] * x
-                s_q = math.sqrt(sched.beta_tilde[k])
-                out.append(float(kl_bits(post, s_q, mean, math.sqrt(var[k])).sum()))
-                x = post + s_q * rng.standard_normal(x0.size)
-            else:
-                u = units.reshape(-1).astype(np.int64)
-                nll = 0.0
-                for a in range(0, u.size, PIXEL_CHUNK):
-                    probs = pixel_probs(mean[a:a + PIXEL_CHUNK], math.sqrt(var[1]))
-                    nll -= float(np.log2(np.maximum(probs[np.arange(probs.shape[0]), u[a:a + PIXEL_CHUNK]],
-                                                    2.0**-24)).sum())
-                out.append(nll)
+    for k in range(K, 1, -1):
+        mean, _ = chain.p(x, k)
+        post = sched.post_coef_x0[k] * x0 + sched.post_coef_xt[k] * x
+        s_q = math.sqrt(sched.beta_tilde[k])
+        out.append(float(kl_bits(post, s_q, mean, math.sqrt(var[k])).sum()))
+        x = post + s_q * rng.standard_normal(x0.size)
+    mean, _ = chain.p(x, 1)
+    out.append(_pixel_bits(units.reshape(-1).astype(np.int64), mean, math.sqrt(var[1])))
     return out
+
+
+def _pixel_bits(u: np.ndarray, mean: np.ndarray, std: float) -> float:
+    """−log2 of pixels ``u`` under the L_0 decoder (discretized Gaussians), at the coder's floor."""
+    bits = 0.0
+    for a in range(0, u.size, PIXEL_CHUNK):
+        probs = pixel_probs(mean[a:a + PIXEL_CHUNK], std)
+        bits -= float(np.log2(np.maximum(probs[np.arange(probs.shape[0]), u[a:a + PIXEL_CHUNK]], 2.0**-24)).sum())
+    return bits
 
 
 TAIL_SCALES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
@@ -324,13 +325,7 @@ def _tail_scale(u: np.ndarray, mean: np.ndarray, std: float, n: int = 1 << 15) -
     further from x_0 than a true draw of q, so a wider L_0 decoder codes x_0 cheaper. The encoder
     picks the scale of least code length on (at most) ``n`` evenly spread pixels; it goes in the header."""
     sel = np.linspace(0, u.size - 1, min(n, u.size)).astype(np.int64)
-    rows = np.arange(sel.size)
-
-    def bits(sc: float) -> float:
-        p = pixel_probs(mean[sel], std * sc)[rows, u[sel]]
-        return float(-np.log2(np.maximum(p, 2.0**-24)).sum())
-
-    return min(TAIL_SCALES, key=bits)
+    return min(TAIL_SCALES, key=lambda sc: _pixel_bits(u[sel], mean[sel], std * sc))
 
 
 @dataclass

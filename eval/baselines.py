@@ -42,11 +42,14 @@ def jxl_lossless_bytes(arr: np.ndarray) -> int | None:
     return len(data)
 
 
+LOSSLESS_CODECS = (("png", png_bytes), ("webp_lossless", webp_lossless_bytes), ("jxl_lossless", jxl_lossless_bytes))
+
+
 def lossless_table(images: list[np.ndarray]) -> dict:
     """bits/dim of each codec, one file per image, summed over the images."""
     dims = sum(im.size for im in images)
     out = {}
-    for name, fn in [("png", png_bytes), ("webp_lossless", webp_lossless_bytes), ("jxl_lossless", jxl_lossless_bytes)]:
+    for name, fn in LOSSLESS_CODECS:
         sizes = [fn(im) for im in images]
         if all(s is not None for s in sizes):
             out[name] = 8 * sum(sizes) / dims
@@ -74,7 +77,7 @@ def lossless_one_image(images: list[np.ndarray]) -> dict:
     dims = sum(im.size for im in images)
     g = grid_of(images)
     out = {}
-    for name, fn in [("png", png_bytes), ("webp_lossless", webp_lossless_bytes), ("jxl_lossless", jxl_lossless_bytes)]:
+    for name, fn in LOSSLESS_CODECS:
         size = fn(g)
         if size is not None:
             out[name] = 8 * size / dims

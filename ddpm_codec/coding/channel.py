@@ -98,9 +98,16 @@ class StepChannel:
     def _chunks(self, n_dims: int, n_chunks: int) -> list[np.ndarray]:
         return np.array_split(_order(self.seed, self.step, n_dims), n_chunks)
 
-    def _check_layout(self) -> None:
+    def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown candidate layout {self.layout!r}")
+
+    def _gumbel(self, j: int, n: int) -> np.ndarray | float:
+        """The encoder's Gumbel noise on chunk j's n log weights (0 at temperature 0: the largest weight)."""
+        if self.temperature <= 0:
+            return 0.0
+        g = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.step, j, 0x6B3E])))
+        return self.temperature * g.gumbel(size=n)
 
     def prior_draw(self, mu_p: np.ndarray, s_p: float) -> np.ndarray:
         """x for a step sent with no chunks: a draw from p both sides make alike."""
@@ -128,11 +135,7 @@ class StepChannel:
         def one(j: int, dims: np.ndarray) -> tuple[int, np.ndarray]:
             g = _stream(self.seed, self.step, j)
             w = (b * delta[dims]).astype(np.float32)
-            if self.temperature > 0:
-                gum = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.step, j, 0x6B3E])))
-                noise = self.temperature * gum.gumbel(size=N)
-            else:
-                noise = np.zeros(N)
+            noise = np.broadcast_to(self._gumbel(j, N), (N,))
             rows = max(1, min(ROW_BLOCK, (1 << 22) // max(1, dims.size)))
             best, best_score, best_row = -1, -np.inf, None
             for r0 in range(0, N, rows):
@@ -149,14 +152,10 @@ class StepChannel:
             L = scipy.fft.next_fast_len(N + d - 1, real=True)
             corr = scipy.fft.irfft(scipy.fft.rfft(z, L) * np.conj(scipy.fft.rfft(b * delta[dims], L)), L)[:N]
             c = np.concatenate([[0.0], np.cumsum(z * z)])
-            score = a * (c[d:d + N] - c[:N]) + corr
-            if self.temperature > 0:
-                gum = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.step, j, 0x6B3E])))
-                score = score + self.temperature * gum.gumbel(size=N)
+            score = a * (c[d:d + N] - c[:N]) + corr + self._gumbel(j, N)
             i = int(np.argmax(score))
             return i, z[i:i + d].astype(np.float32)
 
-        self._check_layout()
         chunks = self._chunks(mu_p.size, n_chunks)
         x = np.empty_like(mu_p, dtype=np.float64)
         idx = np.empty(n_chunks, dtype=np.int64)
@@ -172,7 +171,6 @@ class StepChannel:
             return self.prior_draw(mu_p, s_p)
         if idx.min() < 0 or idx.max() >= self.candidates:
             raise ValueError("chunk index out of range")
-        self._check_layout()
         chunks = self._chunks(mu_p.size, idx.size)
 
         def one(j: int, dims: np.ndarray) -> np.ndarray:
