@@ -466,7 +466,7 @@ def decode(file, out, model, upto_step, reconstruct, seed, force, as_json):
     if lossy:
         from ddpm_codec.lossy import Reconstruct, decode_lossy
 
-        with tqdm(total=len(header.get("chunks", [])) + 2, file=sys.stderr, unit="step", disable=as_json) as bar:
+        with tqdm(total=len(header.get("chunks", header.get("chunks_vs_expected", []))) + 2, file=sys.stderr, unit="step", disable=as_json) as bar:
             res = decode_lossy(data, lm, upto_step, Reconstruct(reconstruct), seed, progress=bar.update)
         if res.truncated:
             click.echo(f"warning: {file} is truncated: decoded {res.segments_read} of {res.segments_in_file} "
@@ -518,11 +518,15 @@ def info(file, model, as_json):
         if as_json:
             return emit_json(i)
         tail = ", lossless tail" if i["lossless_tail"] else ""
+        segs = i["segments"]
         click.echo(f"{file}: .ddpm version {i['format_version']}, lossy (progressive), model {i['model']}, "
                    f"{len(i['images'])} image(s), {i['K']}-step chain ({i['spacing']} steps, {i['schedule']}, "
                    f"T = {i['T']}), "
-                   f"{len(i['segments'])} segments{tail}, {i['bytes']} bytes"
+                   f"{len(segs) if segs is not None else '?'} segments{tail}, {i['bytes']} bytes"
                    f"{' (TRUNCATED)' if i['truncated'] else ''}")
+        if segs is None:
+            click.echo(f"  (segment sizes follow from model {i['model']}, which is not here: pass --model)")
+            return
         click.echo("  segment  step  chunks    bytes  cumulative bits/dim")
         for n, r in enumerate(i["segments"]):
             click.echo(f"  {n:7d} {r['step']:5d} {r['chunks']:7d} {r['bytes']:8d}  {r['bits_per_dim']:.4f}")

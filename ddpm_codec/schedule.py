@@ -163,17 +163,23 @@ def step_costs(sched: "Schedule", x0_mse: np.ndarray) -> np.ndarray:
     if sched.K != sched.T:
         raise ValueError("step costs are for the full schedule")
     T = sched.T
-    ab = sched.alpha_bar  # [T+1], ab[0] = 1
-    e = np.asarray(x0_mse, dtype=np.float64)
     t = np.arange(T + 1)[:, None]
     s = np.arange(T + 1)[None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        beta = 1.0 - ab[t] / ab[s]  # β of the jump s → t
-        bt = (1.0 - ab[s]) / (1.0 - ab[t]) * beta  # β̃ of t → s
-        c = np.sqrt(ab[s]) * beta / (1.0 - ab[t])
-        cost = 0.5 * np.log2(1.0 + c**2 * e[t] / bt)
+        cost = jump_costs(sched, x0_mse, t, s)
     cost[~((s < t) & (s >= 1))] = np.inf
     return cost
+
+
+def jump_costs(sched: "Schedule", x0_mse: np.ndarray, t, s) -> np.ndarray:
+    """``step_costs`` at the jumps t → s only (arrays of equal shape, 1 ≤ s < t ≤ T)."""
+    ab = sched.alpha_bar  # [T+1], ab[0] = 1
+    e = np.asarray(x0_mse, dtype=np.float64)
+    t, s = np.asarray(t), np.asarray(s)
+    beta = 1.0 - ab[t] / ab[s]  # β of the jump s → t
+    bt = (1.0 - ab[s]) / (1.0 - ab[t]) * beta  # β̃ of t → s
+    c = np.sqrt(ab[s]) * beta / (1.0 - ab[t])
+    return 0.5 * np.log2(1.0 + c**2 * e[t] / bt)
 
 
 def optimal_steps(sched: "Schedule", x0_mse: np.ndarray, K: int) -> list[int]:

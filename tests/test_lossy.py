@@ -120,7 +120,9 @@ def test_truncated_file_decodes_to_its_last_whole_step(full, calibrated):
     info = lossy_info(res.data, calibrated)
     assert info["lossless_tail"] and len(info["segments"]) == 21 and len(info["steps"]) == 20
     assert [r["step"] for r in info["segments"]] == [*info["steps"][::-1], 0]
-    assert lossy_info(res.data)["segments"][1]["step"] == -1  # optimal steps: unnamed without the model
+    # without the model: its chunk counts (differences from the model's prediction) stay unknown
+    bare = lossy_info(res.data)
+    assert bare["format_version"] == 3 and bare["segments"] is None and bare["steps"] is None
     tail = res.segments[-1].bytes
     cut = res.data[:len(res.data) - 4 - tail - 1]  # inside the last channel segment
     d = decode_lossy(cut, calibrated)
@@ -191,8 +193,9 @@ def test_cli_lossy_commands(calibrated, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["exact"] and out["bytes"] == os.path.getsize(a)
-    i = json.loads(run(cli, ["info", a, "--json"]).stdout)
-    assert i["format_version"] == 2 and i["mode"] == "lossy" and len(i["segments"]) == 11
+    i = json.loads(run(cli, ["info", a, "--json", *m]).stdout)
+    assert i["format_version"] == 3 and i["mode"] == "lossy" and len(i["segments"]) == 11
+    assert "pass --model" in run(cli, ["info", a]).stdout  # its segments follow from a model not shipped
     r = run(cli, ["decode", a, "-o", str(tmp_path / "o"), "--upto-step", "50", "--json", *m])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
@@ -291,3 +294,29 @@ def test_files_of_the_rows_layout_still_decode(calibrated):
     assert unpack_segments(new.data)[0]["candidates"] == "window"
     with pytest.raises(ValueError, match="layout"):
         encode_lossy(imgs, calibrated, steps=8, layout="rows", index_bits=18)
+
+
+def test_chunk_counts_are_stored_as_differences_from_the_prediction(full, calibrated, tiny_checkpoint):
+    """Version 3: the header holds each step's chunk count minus the count both sides predict
+    from the model's calibration; the decoder's replay gives the encoder's counts. A model
+    without a calibration has nothing to predict with: version 2, counts listed."""
+    from ddpm_codec.coding.container import unpack_segments
+    from ddpm_codec.lossy import ChunkCounts
+
+    imgs, res = full
+    h, _, _ = unpack_segments(res.data)
+    assert h["_version"] == 3 and "chunks" not in h
+    coded = [s.chunks for s in res.segments if s.step > 0]
+    assert len(h["chunks_vs_expected"]) == len(coded) and sum(coded) > 0
+    dims = 12 * int(np.prod(imgs[0][1].shape))
+    replayed = ChunkCounts(calibrated, calibrated.chain(20), dims, h["kl_per_chunk"]).replay(h["chunks_vs_expected"])
+    assert replayed == coded
+    # a difference that makes a count negative is refused
+    with pytest.raises(FormatError, match="chunk counts"):
+        ChunkCounts(calibrated, calibrated.chain(20), dims, 14.0).replay([-1])
+    bare = checkpoint.load(tiny_checkpoint)
+    assert bare.x0_mse is None
+    old = encode_lossy(named(2), bare, steps=6)
+    h2, _, _ = unpack_segments(old.data)
+    assert h2["_version"] == 2 and h2["chunks"] == [s.chunks for s in old.segments if s.step > 0]
+    assert decode_lossy(old.data, bare).exact

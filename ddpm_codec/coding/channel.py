@@ -15,8 +15,8 @@ Minimal random coding (Havasi, Peharz & Hernández-Lobato 2019), one step at a t
   weight kept the chain closer to q: 3.56 against 4.49 bits/dim on 100 MNIST digits.)
 * Candidate layout ``window`` (the default): the candidates are the N overlapping windows
   ε_i = z[i : i + d] of ONE stream z of N + d − 1 normals. Each is a draw from N(0, I_d), and
-  all N log weights a·|ε_i|² + ε_i·w come from one FFT cross-correlation and a cumulative
-  sum: O((N + d) log(N + d)) per chunk instead of N·d normals. That makes 2^16–2^18 candidates per
+  all N log weights a·|ε_i|² + ε_i·w come from one cross-correlation (float32 FFTs, overlap-save:
+  ``window_correlation``) and a cumulative sum: O((N + d) log d) per chunk instead of N·d normals. That makes 2^16–2^18 candidates per
   chunk affordable, and the cost that matters falls: MRC pays about 2 bits per chunk beyond its
   KL (``index_bits`` − ``kl_per_chunk``; fewer spare bits and the pick drifts from q, which
   the later steps pay for), so the relative overhead is ≈ 2 / ``kl_per_chunk``. Layout
@@ -148,13 +148,17 @@ class StepChannel:
 
         def one_window(j: int, dims: np.ndarray) -> tuple[int, np.ndarray]:
             d = dims.size
-            z = _stream(self.seed, self.step, j).standard_normal(N + d - 1, dtype=np.float32).astype(np.float64)
-            L = scipy.fft.next_fast_len(N + d - 1, real=True)
-            corr = scipy.fft.irfft(scipy.fft.rfft(z, L) * np.conj(scipy.fft.rfft(b * delta[dims], L)), L)[:N]
-            c = np.concatenate([[0.0], np.cumsum(z * z)])
-            score = a * (c[d:d + N] - c[:N]) + corr + self._gumbel(j, N)
+            z = _stream(self.seed, self.step, j).standard_normal(N + d - 1, dtype=np.float32)
+            c = np.empty(N + d)  # c[k] = Σ_{m<k} z_m², summed in float64
+            c[0] = 0.0
+            np.cumsum(z * z, dtype=np.float64, out=c[1:])
+            score = c[d:d + N] - c[:N]
+            score *= a
+            score += window_correlation(z, b * delta[dims], N)
+            if self.temperature > 0:
+                score += self._gumbel(j, N)
             i = int(np.argmax(score))
-            return i, z[i:i + d].astype(np.float32)
+            return i, z[i:i + d]
 
         chunks = self._chunks(mu_p.size, n_chunks)
         x = np.empty_like(mu_p, dtype=np.float64)
@@ -184,6 +188,24 @@ class StepChannel:
         for dims, row in zip(chunks, self._map(one, list(enumerate(chunks)))):
             x[dims] = mu_p[dims] + s_p * row.astype(np.float64)
         return x
+
+
+def window_correlation(z: np.ndarray, w: np.ndarray, n: int) -> np.ndarray:
+    """corr[i] = z[i : i + d] · w for i < n (d = len(w), len(z) ≥ n + d − 1), float32 FFTs by
+    overlap-save in blocks of a few times d: about 3× faster than one float64 FFT of the whole
+    stream (measured on 2^16 windows of 108 dims: 0.8 against 2.3 ms). Only the encoder computes
+    scores, so their rounding (about 1e-5 here) can change a near-tie's pick, never the format."""
+    d = w.size
+    B = 1 << max(10, math.ceil(math.log2(4 * d)))
+    S = B - d + 1  # valid outputs per block
+    nb = -(-n // S)
+    zz = np.zeros(nb * S + d - 1, dtype=np.float32)  # = (nb − 1)·S + B: every block inside
+    m = min(z.size, zz.size)
+    zz[:m] = z[:m]
+    blocks = np.lib.stride_tricks.as_strided(zz, shape=(nb, B), strides=(S * zz.itemsize, zz.itemsize), writeable=False)
+    W = np.conj(scipy.fft.rfft(w.astype(np.float32), B))
+    out = scipy.fft.irfft(scipy.fft.rfft(blocks, axis=1) * W, B, axis=1)[:, :S]
+    return out.reshape(-1)[:n]
 
 
 def pack_indices(idx: np.ndarray, bits: int) -> bytes:

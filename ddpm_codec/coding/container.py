@@ -16,8 +16,10 @@ version, a bad checksum and a truncated or over-long file with a one-line reason
 Versions: 1 is the lossless file above (payload in 32-bit words). 2 adds the progressive
 lossy file: the same layout with a payload of ``payload_bytes`` bytes made of segments
 (one per coded step, their chunk counts and 8-bit checks in the header), so a file cut short still
-decodes up to its last whole segment (``unpack_segments``). Writers use the lowest version
-that can express the file, so lossless files stay readable by version-1 readers.
+decodes up to its last whole segment (``unpack_segments``). 3 is the lossy file whose header
+holds each step's chunk count as its difference from a prediction made from the model
+(``lossy.ChunkCounts``; key ``chunks_vs_expected`` instead of ``chunks``). Writers use the
+lowest version that can express the file, so lossless files stay readable by version-1 readers.
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DDPM"
-VERSION = 2  # the highest version this reader knows
+VERSION = 3  # the highest version this reader knows
 LOSSLESS_VERSION = 1
-LOSSY_VERSION = 2
+LOSSY_VERSION = 2  # chunk counts listed
+LOSSY_PREDICTED_VERSION = 3  # chunk counts as differences from the model's prediction
 _FIXED = struct.Struct("<4sHI")
 MAX_HEADER = 64 << 20  # decompressed header bytes a reader accepts
 
@@ -105,11 +108,13 @@ def read_header(data: bytes) -> dict:
     return header
 
 
-def pack_segments(header: dict, body: bytes) -> bytes:
-    """A version-2 file: the header (``payload_bytes`` added), its CRC, the body, the body's CRC."""
+def pack_segments(header: dict, body: bytes, version: int = LOSSY_VERSION) -> bytes:
+    """A segmented (lossy) file: the header (``payload_bytes`` added), its CRC, the body, the body's CRC."""
+    if version not in (LOSSY_VERSION, LOSSY_PREDICTED_VERSION):
+        raise ValueError(f"version {version} is not a segmented file's")
     header = dict(header, payload_bytes=len(body))
     hbytes = zlib.compress(json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8"), 9)
-    head = _FIXED.pack(MAGIC, LOSSY_VERSION, len(hbytes)) + hbytes
+    head = _FIXED.pack(MAGIC, version, len(hbytes)) + hbytes
     return b"".join([head, struct.pack("<I", zlib.crc32(head)), body, struct.pack("<I", zlib.crc32(body))])
 
 
@@ -118,7 +123,7 @@ def unpack_segments(data: bytes) -> tuple[dict, bytes, bool]:
     CRC is checked here; a short one is returned as far as it goes (its segments carry their
     own checks); an over-long one is refused."""
     header = read_header(data)
-    if header["_version"] != LOSSY_VERSION:
+    if header["_version"] not in (LOSSY_VERSION, LOSSY_PREDICTED_VERSION):
         raise FormatError("not a segmented (lossy) file")
     start = _FIXED.size + header.pop("_header_len") + 4
     end = start + header["payload_bytes"]
