@@ -300,12 +300,21 @@ def test_chunk_counts_are_stored_as_differences_from_the_prediction(full, calibr
     """Version 3: the header holds each step's chunk count minus the count both sides predict
     from the model's calibration; the decoder's replay gives the encoder's counts. A model
     without a calibration has nothing to predict with: version 2, counts listed."""
-    from ddpm_codec.coding.container import unpack_segments
+    from ddpm_codec.coding.container import read_header, unpack_segments
     from ddpm_codec.lossy import ChunkCounts
 
     imgs, res = full
     h, _, _ = unpack_segments(res.data)
     assert h["_version"] == 3 and "chunks" not in h
+    # version 3's header: checks in base64, 128 bits of the digest, a preset zlib dictionary
+    import base64
+    import zlib
+
+    assert len(base64.b64decode(h["checks"])) == sum(1 for s in res.segments if s.bytes)
+    assert len(h["pixels_sha256"]) == 32
+    plain = {k: v for k, v in h.items() if not k.startswith("_")}
+    text = json.dumps(plain, separators=(",", ":"), sort_keys=True).encode()
+    assert read_header(res.data)["_header_len"] < len(zlib.compress(text, 9)) - 50
     coded = [s.chunks for s in res.segments if s.step > 0]
     assert len(h["chunks_vs_expected"]) == len(coded) and sum(coded) > 0
     dims = 12 * int(np.prod(imgs[0][1].shape))

@@ -18,7 +18,8 @@ lossy file: the same layout with a payload of ``payload_bytes`` bytes made of se
 (one per coded step, their chunk counts and 8-bit checks in the header), so a file cut short still
 decodes up to its last whole segment (``unpack_segments``). 3 is the lossy file whose header
 holds each step's chunk count as its difference from a prediction made from the model
-(``lossy.ChunkCounts``; key ``chunks_vs_expected`` instead of ``chunks``). Writers use the
+(``lossy.ChunkCounts``; key ``chunks_vs_expected`` instead of ``chunks``), its segment checks in
+base64 (hex in 2), and is compressed with a preset dictionary (``HEADER_DICT``). Writers use the
 lowest version that can express the file, so lossless files stay readable by version-1 readers.
 """
 from __future__ import annotations
@@ -38,6 +39,24 @@ LOSSY_VERSION = 2  # chunk counts listed
 LOSSY_PREDICTED_VERSION = 3  # chunk counts as differences from the model's prediction
 _FIXED = struct.Struct("<4sHI")
 MAX_HEADER = 64 << 20  # decompressed header bytes a reader accepts
+
+
+# The zlib preset dictionary of version-3 headers: a typical header's keys and common values, so a
+# small file's header does not pay for them (one MNIST digit: 458 -> see lossy.py's notes). Part of
+# the format: never change it (zlib checks its Adler-32; a new dictionary needs a new version).
+HEADER_DICT = (
+    b'{"batch":256,"candidates":"window","channels":3,"checks":"","chunks_vs_expected":[0,0,0,0,0,0,0,0,0,0,0,'
+    b'0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"encoder":"ddpm-codec 0.1.0","index_bits":16,"kl_per_chunk":14.0,'
+    b'"mode":"lossy","model":"","names":["image.png"],"payload_bytes":1,"pixels_sha256":"","schedule":{"K":'
+    b'100,"T":1000,"kind":"linear","spacing":"even"},"shapes":[[256,256]],"tail":true,"tail_scale":1.0,'
+    b'"threads":2,"tile":32,"variance":"beta_tilde"}'
+    b'{"batch":256,"candidates":"window","channels":1,"checks":"","chunks_vs_expected":[0,0,0,0,0,0,0,0,0,0,0,'
+    b'0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"encoder":"ddpm-codec 0.1.0","index_bits":16,'
+    b'"kl_per_chunk":14.0,"mode":"lossy","model":"","names":{"count":100,"prefix":"","start":0,"suffix":'
+    b'".png","width":5},"payload_bytes":1,"pixels_sha256":"","schedule":{"K":100,"T":1000,"kind":"cosine",'
+    b'"spacing":"optimal"},"shapes":[[28,28],[28,28],[28,28],[28,28],[28,28],[28,28]],"tail":true,'
+    b'"tail_scale":1.25,"threads":1,"tile":28,"variance":"calibrated"}'
+)
 
 
 class FormatError(ValueError):
@@ -93,7 +112,7 @@ def read_header(data: bytes) -> dict:
     if zlib.crc32(data[:n]) != crc:
         raise FormatError("header checksum mismatch: the file is corrupt")
     try:
-        d = zlib.decompressobj()
+        d = zlib.decompressobj(zdict=HEADER_DICT)  # used only by streams that ask for it (version 3)
         raw = d.decompress(data[_FIXED.size:n], MAX_HEADER)
         if d.unconsumed_tail or not d.eof:
             raise FormatError("header too large or incomplete")
@@ -113,7 +132,12 @@ def pack_segments(header: dict, body: bytes, version: int = LOSSY_VERSION) -> by
     if version not in (LOSSY_VERSION, LOSSY_PREDICTED_VERSION):
         raise ValueError(f"version {version} is not a segmented file's")
     header = dict(header, payload_bytes=len(body))
-    hbytes = zlib.compress(json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8"), 9)
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    if version == LOSSY_PREDICTED_VERSION:
+        z = zlib.compressobj(9, zdict=HEADER_DICT)
+        hbytes = z.compress(text) + z.flush()
+    else:
+        hbytes = zlib.compress(text, 9)
     head = _FIXED.pack(MAGIC, version, len(hbytes)) + hbytes
     return b"".join([head, struct.pack("<I", zlib.crc32(head)), body, struct.pack("<I", zlib.crc32(body))])
 
