@@ -136,9 +136,11 @@ def test_cli_round_trip_and_bad_input(tiny_checkpoint, tmp_path):
         Image.fromarray(im[..., 0]).save(tmp_path / f"d{i}.png")
     a = str(tmp_path / "a.ddpm")
     m = ["--model", str(tiny_checkpoint)]
-    r = run(["encode", str(tmp_path / "d0.png"), str(tmp_path / "d1.png"), "-o", a, "--steps", "5", "--json", *m])
+    two = [str(tmp_path / "d0.png"), str(tmp_path / "d1.png")]
+    r = run(["encode", *two, "-o", a, "--steps", "5", "--method", "bits-back", "--json", *m])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
+    assert out["method"] == "bits-back"
     assert out["bytes"] == os.path.getsize(a) and out["bits_per_dim"] == pytest.approx(8 * out["bytes"] / 128)
     assert 0 < out["initial_bits"] <= 8 * out["bytes"]
     i = json.loads(run(["info", a, "--json"]).stdout)
@@ -148,6 +150,18 @@ def test_cli_round_trip_and_bad_input(tiny_checkpoint, tmp_path):
     assert json.loads(r.stdout)["images"] == 2
     for n in ["d0.png", "d1.png"]:
         assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / n)), np.asarray(Image.open(tmp_path / n)))
+    # the default (auto) codes so few pixels as a channel file run to its exact end: no initial bits
+    c = str(tmp_path / "c.ddpm")
+    r = run(["encode", *two, "-o", c, "--steps", "5", "--json", *m])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["method"] == "channel" and json.loads(r.stdout)["exact"]
+    assert json.loads(run(["info", c, "--json", *m]).stdout)["lossless_tail"]
+    r = run(["decode", c, "-o", str(tmp_path / "outc"), "--json", *m])
+    assert r.exit_code == 0 and json.loads(r.stdout)["exact"], r.output
+    for n in ["d0.png", "d1.png"]:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "outc" / n)), np.asarray(Image.open(tmp_path / n)))
+    for args in (["--method", "channel", "--grid-bits", "1"], ["--lossy", "--method", "bits-back"]):
+        assert run(["encode", *two, "-o", str(tmp_path / "x.ddpm"), *args, *m]).exit_code == 2
     (tmp_path / "junk.ddpm").write_bytes(b"\x00" * 50)
     (tmp_path / "empty.ddpm").write_bytes(b"")
     (tmp_path / "text.png").write_text("hello")
