@@ -151,9 +151,8 @@ class ChunkCounts:
     K counts cost a few bytes instead of ~1.5 each. Segment 0 (x_T) is predicted empty."""
 
     def __init__(self, model: LoadedModel, sched: Schedule, dims: int, kl_per_chunk: float):
-        steps = [int(sched.timesteps[k]) for k in range(sched.K, 0, -1)]  # τ_K … τ_1
-        full = model.schedule
-        self.expected = dims * jump_costs(full, model.x0_mse, np.array(steps[:-1]), np.array(steps[1:]))
+        steps = np.array(segment_steps(sched)[:-1])  # τ_K … τ_1: segment s ≥ 1 is the jump steps[s−1] → steps[s]
+        self.expected = dims * jump_costs(model.schedule, model.x0_mse, steps[:-1], steps[1:])
         self.dims, self.kpc = dims, kl_per_chunk
         self.coded = self.exp_sum = 0.0
 
