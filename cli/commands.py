@@ -35,11 +35,18 @@ SOURCES_HELP = ("mnist[:train|valid|test], fashion-mnist[:train|test], cifar10:P
 @click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Start from this checkpoint's EMA weights (same --size/--schedule/--T) with a fresh optimiser "
                    "and clock, e.g. fine-tune the MNIST model on Fashion-MNIST. Ignored when resuming.")
+@click.option("--t-sampling", type=click.Choice(["uniform", "bound"]), default="uniform", show_default=True,
+              help="uniform: L_simple. bound: draw t from the K-step chain the codec runs, in proportion to "
+                   "each step's share of the bound's gradient, and weight by the step's calibrated error "
+                   "(an unbiased estimate of the bound's gradient, linearised at the calibration); needs a "
+                   "calibrated --init. See diffusion.BoundSampling.")
+@click.option("--bound-steps", type=click.IntRange(min=2), default=100, show_default=True,
+              help="K of the chain --t-sampling bound trains for (the codec's --steps).")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="At the end, measure the x̂_0 error per step on 64 training images (see `calibrate`).")
 @user_errors
 def train(data, size, minutes, steps, out, schedule, T, batch, lr, ema, dropout, crop, seed, checkpoint_every,
-          init, calibrate):
+          init, t_sampling, bound_steps, calibrate):
     """Train an ε-network with L_simple (Algorithm 1).
 
     Adam with warm-up, EMA of the weights, gradient clipping. A checkpoint is
@@ -60,7 +67,8 @@ def train(data, size, minutes, steps, out, schedule, T, batch, lr, ema, dropout,
     sched = make_schedule(ScheduleKind(schedule), T)
     cfg = TrainConfig(data=data, batch_size=batch, lr=lr, ema_decay=ema, seed=seed, minutes=minutes,
                       steps=steps, checkpoint_every_s=checkpoint_every * 60,
-                      init=str(init) if init is not None else None)
+                      init=str(init) if init is not None else None, t_sampling=t_sampling,
+                      bound_steps=bound_steps)
     meta = run(cfg, net_cfg, sched, source, out)
     click.echo(f"trained {meta['step']} steps in {meta['elapsed_s'] / 60:.1f} min -> {out}", err=True)
     if calibrate:

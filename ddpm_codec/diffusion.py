@@ -132,14 +132,70 @@ def p_step(
 
 # --- Algorithm 1 ----------------------------------------------------------------------------
 
-def l_simple(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """L_simple (eq. 14, Algorithm 1): ‖ε − ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)‖², mean over all dims."""
+def l_simple(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator,
+             t_sampling: "BoundSampling | None" = None) -> torch.Tensor:
+    """L_simple (eq. 14, Algorithm 1): ‖ε − ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)‖², mean over all dims,
+    t uniform; or, with ``t_sampling``, t drawn and each image's error weighted by it
+    (``BoundSampling``)."""
     B = x0.shape[0]
-    k = torch.randint(1, sched.K + 1, (B,), generator=gen)
+    if t_sampling is None:
+        k = torch.randint(1, sched.K + 1, (B,), generator=gen)
+    else:
+        k = torch.multinomial(t_sampling.probs_t, B, replacement=True, generator=gen)
     noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
     xt = q_sample(sched, x0, k, noise)
     eps = net(xt, net_timesteps(sched, k))
-    return torch.mean((eps - noise) ** 2)
+    err = (eps - noise) ** 2
+    if t_sampling is None:
+        return torch.mean(err)
+    return torch.mean(err.flatten(1).mean(1) * t_sampling.weight_t[k])
+
+
+@dataclass(frozen=True)
+class BoundSampling:
+    """Importance sampling of t for the bound of the K-step chain the codec runs.
+
+    With the calibrated variance the chain's expected bound is Σ_k ½ log2(1 + a_k e(τ_k)) over
+    its jumps τ_k → τ_{k−1} (``schedule.jump_costs``; a_k = c_k² / β̃_k) plus the decoder's
+    L_0, where e(t) is the x̂_0 error per dimension. With the variances held at the calibration,
+    the bound's gradient is Σ_k g_k ∇e(τ_k) with g_k e_k = a_k e_k / (2 ln 2 (1 + a_k e_k)) for a
+    jump and, for the decoder, its measured slope (``likelihood.decoder_error_slope``: at most
+    1 / (2 ln 2), less where σ is as narrow as a pixel's bin or pixels saturate). Drawing τ_k with
+    probability ∝ g_k e_k and weighting the image's ε error by 1 / e_ε(τ_k) (the calibrated
+    ε error there, relative error; the same as in x̂_0 since they differ by a factor fixed
+    by t) is an unbiased estimate of that gradient. Only the chain's steps are trained on.
+    ``scale`` (the mean ε error under uniform t) keeps the loss near L_simple's size; weights are
+    capped at 1000 × scale-relative (the last jumps, where ᾱ ≈ 0 makes e_ε tiny and carries
+    almost no bits)."""
+
+    steps: tuple[int, ...]  # the chain τ_1 = 1 < … < τ_K = T it was built for
+    probs_t: torch.Tensor  # [T+1] float64, probability of each t (0 off the chain)
+    weight_t: torch.Tensor  # [T+1] float32, loss weight of each t
+
+    @staticmethod
+    def build(sched: Schedule, x0_mse: np.ndarray, K: int, decoder_ge: float) -> "BoundSampling":
+        from .schedule import jump_costs, optimal_steps
+
+        if sched.K != sched.T:
+            raise ValueError("bound sampling is built on the full schedule")
+        e = np.asarray(x0_mse, dtype=np.float64)
+        steps = optimal_steps(sched, e, K)
+        t = np.asarray(steps[1:])
+        s = np.asarray(steps[:-1])
+        cost_bits = jump_costs(sched, e, t, s)  # ½ log2(1 + a e)
+        ae = np.exp2(2 * cost_bits) - 1.0
+        ge = np.zeros(sched.T + 1)
+        ge[t] = ae / (2 * np.log(2) * (1 + ae))
+        ge[1] = decoder_ge  # the decoder at t = 1
+        probs = ge / ge.sum()
+        ab = sched.alpha_bar
+        eps_mse = np.zeros(sched.T + 1)
+        eps_mse[1:] = e[1:] * ab[1:] / (1 - ab[1:])
+        if np.any(eps_mse[probs > 0] <= 0):
+            raise ValueError("the calibration has a zero x̂_0 error on the chain")
+        scale = float(eps_mse[1:].mean())
+        weight = np.where(probs > 0, scale / np.maximum(eps_mse, 1e-3 * scale), 0.0)
+        return BoundSampling(tuple(steps), torch.from_numpy(probs), torch.from_numpy(weight).float())
 
 
 # --- Algorithm 2 and DDIM ------------------------------------------------------------------

@@ -124,6 +124,30 @@ def x0_mse_per_step(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.G
     return e
 
 
+def decoder_error_slope(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator,
+                        x0_mse: np.ndarray, delta: float = 0.05) -> float:
+    """How the decoder's L_0 (bits/dim, σ the calibrated one) grows with the x̂_0 error at t = 1:
+    ½ dL_0/dδ at δ = 0 when the error is scaled by 1 + δ, by a central difference. This is
+    g·e of ``diffusion.BoundSampling`` for the decoder: 1 / (2 ln 2) when σ is much wider than a
+    pixel's bin, less where the bins are as wide as σ or the pixels saturate (MNIST's black)."""
+    from .diffusion import net_timesteps, predict_x0
+
+    if sched.K != sched.T:
+        raise ValueError("the decoder slope is measured on the full schedule")
+    x0 = x0.to(torch.float32)
+    k = torch.ones(x0.shape[0], dtype=torch.int64)
+    xt = q_sample(sched, x0, k, torch.randn(x0.shape, generator=gen))
+    with torch.no_grad():
+        err = predict_x0(sched, xt, k, net(xt, net_timesteps(sched, k))).clamp(-1, 1).double() - x0.double()
+    std = torch.tensor(math.sqrt(model_variance(sched, VarianceType.CALIBRATED, x0_mse)[1]), dtype=torch.float64)
+
+    def l0(d: float) -> float:
+        mean = x0.double() + (1 + d) * err
+        return float(-discretized_gaussian_log_prob(x0.double(), mean, std).mean()) / math.log(2)
+
+    return 0.5 * (l0(delta) - l0(-delta)) / (2 * delta)
+
+
 def _bound(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator, variance: np.ndarray | None,
     clip: bool, progress: Callable[[int], None] | None,

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .data import to_model_space
-from .diffusion import l_simple
+from .diffusion import BoundSampling, l_simple
 from .nets.unet import UNet, UNetConfig
 from .schedule import Schedule
 
@@ -32,6 +32,8 @@ class TrainConfig:
     steps: int | None = None  # total step budget
     checkpoint_every_s: float = 180.0
     init: str | None = None  # start from this checkpoint's EMA weights (fine-tuning); fresh optimiser and clock
+    t_sampling: str = "uniform"  # "uniform" (L_simple) or "bound" (diffusion.BoundSampling)
+    bound_steps: int = 100  # K of the chain "bound" sampling trains for
 
 
 def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
@@ -63,8 +65,14 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     state = {"step": 0, "elapsed_s": 0.0, "losses": []}
     init_meta = None
+    t_calibration = None  # x̂_0 errors "bound" sampling is built from (kept in the checkpoint for resuming)
     if cfg.init is not None and not out.exists():
         src = checkpoint.read(cfg.init)
+        if cfg.t_sampling == "bound":
+            if "calibration" not in src:
+                raise checkpoint.CheckpointError(
+                    f"--init {cfg.init} has no calibration to build bound sampling from (ddpm-codec calibrate)")
+            t_calibration = {"x0_mse": list(src["calibration"]["x0_mse"])}
         if src["net_config"] != net_config.to_dict() or src["schedule"] != sched.spec():
             raise checkpoint.CheckpointError(
                 f"--init {cfg.init}: its network or schedule differs from this run's (same --size, --schedule, --T)")
@@ -83,8 +91,28 @@ def train(
         rng.bit_generator.state = ck["rng"]["numpy"]
         gen.set_state(ck["rng"]["torch"])
         state = {k: ck["train"][k] for k in state}
+        if ck["train"].get("t_sampling", "uniform") != cfg.t_sampling:
+            raise checkpoint.CheckpointError(
+                f"{out} was trained with --t-sampling {ck['train'].get('t_sampling', 'uniform')}; resume with it")
+        t_calibration = ck.get("t_calibration")
         init_meta = {k: ck["train"][k] for k in ("init_source", "init_minutes") if k in ck["train"]} or None
         print(f"resuming {out} at step {state['step']} ({state['elapsed_s'] / 60:.1f} min trained)", file=sys.stderr)
+
+    t_sampling = None
+    if cfg.t_sampling == "bound":
+        if t_calibration is None:
+            raise checkpoint.CheckpointError("--t-sampling bound needs a calibrated --init checkpoint")
+        if "decoder_ge" not in t_calibration:  # measured once, on the starting weights, then kept
+            from .likelihood import decoder_error_slope
+            x_cal = to_model_space(source.sample(np.random.default_rng(cfg.seed + 1), 256))
+            t_calibration["decoder_ge"] = decoder_error_slope(
+                ema, sched, x_cal, torch.Generator().manual_seed(cfg.seed + 1), np.asarray(t_calibration["x0_mse"]))
+        t_sampling = BoundSampling.build(sched, np.asarray(t_calibration["x0_mse"]), cfg.bound_steps,
+                                         t_calibration["decoder_ge"])
+        print(f"bound sampling for K = {cfg.bound_steps}: decoder slope {t_calibration['decoder_ge']:.3f} bits/dim, "
+              f"P(t = 1) = {float(t_sampling.probs_t[1]):.3f}", file=sys.stderr)
+    elif cfg.t_sampling != "uniform":
+        raise ValueError(f"unknown t sampling {cfg.t_sampling!r}")
 
     def done() -> bool:
         if cfg.steps is not None and state["step"] >= cfg.steps:
@@ -98,6 +126,7 @@ def train(
             "net_config": net_config.to_dict(), "schedule": sched.spec(),
             "ema": ema.state_dict(), "raw": net.state_dict(), "optim": opt.state_dict(),
             "rng": {"numpy": rng.bit_generator.state, "torch": gen.get_state()}, "train": meta,
+            **({"t_calibration": t_calibration} if t_calibration is not None else {}),
         })
 
     total = cfg.steps if cfg.steps is not None else None
@@ -112,7 +141,7 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr
         x0 = to_model_space(source.sample(rng, cfg.batch_size))
-        loss = l_simple(net, sched, x0, gen)
+        loss = l_simple(net, sched, x0, gen, t_sampling)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if not math.isfinite(loss.item()):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -88,3 +90,82 @@ def test_bad_checkpoints(tmp_path):
         checkpoint.load(tmp_path / "missing.pt")
     with pytest.raises(checkpoint.CheckpointError, match="no model"):
         checkpoint.resolve("no-such-model")
+
+
+def _calibrated(tmp_path, tiny_checkpoint):
+    path = tmp_path / "cal.pt"
+    checkpoint.calibrate(tiny_checkpoint, tiny_images(16), torch.Generator().manual_seed(0), "tiny", out=path)
+    return path
+
+
+def test_bound_sampling_weights_are_the_bounds_gradient():
+    """p_t · w_t must be proportional to ∂(expected bound)/∂e_ε(t) on every chain step, the decoder
+    included: then E_p[w_t ‖ε − ε̂‖²] has the bound's gradient (an unbiased estimate)."""
+    import numpy as np
+    from ddpm_codec.diffusion import BoundSampling
+    from ddpm_codec.schedule import jump_costs
+
+    sched = make_schedule(ScheduleKind.COSINE, 100)
+    t_all = np.arange(101)
+    e = 0.3 * (1 - sched.alpha_bar) ** 0.7 * (1 + 0.1 * np.sin(t_all))  # an x̂_0 error table, rising with t
+    e[0] = 0.0
+    bs = BoundSampling.build(sched, e, 12, decoder_ge=0.4)
+    p, w = bs.probs_t.numpy(), bs.weight_t.numpy().astype(np.float64)
+    assert abs(p.sum() - 1) < 1e-12 and len(bs.steps) == 12 and bs.steps[0] == 1 and bs.steps[-1] == 100
+    assert set(np.nonzero(p)[0]) == set(bs.steps)
+    ab = sched.alpha_bar
+    to_eps = ab / np.where(t_all > 0, 1 - ab, 1)  # e_ε = e · ᾱ / (1 − ᾱ)
+    ratios = []
+    for s, t in zip(bs.steps[:-1], bs.steps[1:]):
+        if w[t] >= 999 * w[bs.steps[1]]:  # capped (ᾱ ≈ 0 at the very end), not an unbiased weight
+            continue
+        h = 1e-6 * e[t]
+        up, down = e.copy(), e.copy()
+        up[t] += h
+        down[t] -= h
+        d_cost_d_e = (jump_costs(sched, up, t, s) - jump_costs(sched, down, t, s)) / (2 * h)
+        ratios.append(p[t] * w[t] / (d_cost_d_e / to_eps[t]))
+    ratios.append(p[1] * w[1] / (0.4 / (e[1] * to_eps[1])))  # decoder: g = decoder_ge / e(1)
+    assert len(ratios) >= 8
+    assert np.allclose(ratios, ratios[0], rtol=1e-4), ratios
+
+
+@pytest.mark.parametrize("e1, expected", [(1e-2, 1 / (2 * math.log(2))), (1e-6, 0.0)])
+def test_decoder_error_slope_in_its_two_limits(e1, expected):
+    """With x̂_0 = x_0 + N(0, e) and σ² = e: a σ much wider than a pixel's bin gives the Gaussian
+    slope 1/(2 ln 2); a σ far inside the bin of a grid value gives 0 (L_0 is ≈ 0 whatever the error)."""
+    import numpy as np
+    from ddpm_codec.likelihood import decoder_error_slope
+
+    sched = make_schedule(ScheduleKind.COSINE, 100)
+    x0 = torch.full((64, 1, 8, 8), 2 * 128 / 255 - 1)  # a grid value, far from the edges
+    err = math.sqrt(e1) * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    ab1 = float(sched.alpha_bar[1])
+
+    def net(xt, _t):  # returns the ε for which x̂_0 = x_0 + err exactly
+        return (xt - math.sqrt(ab1) * (x0 + err)) / math.sqrt(1 - ab1)
+
+    table = np.full(101, 0.1)
+    table[0], table[1] = 0.0, e1
+    slope = decoder_error_slope(net, sched, x0, torch.Generator().manual_seed(2), table)
+    assert abs(slope - expected) < 0.03, slope
+
+
+def test_bound_sampling_trains_resumes_and_refuses_mixing(tmp_path, tiny_checkpoint):
+    sched = make_schedule(ScheduleKind.LINEAR, 100)
+    src = ArraySource("tiny", tiny_images())
+    cal = _calibrated(tmp_path, tiny_checkpoint)
+    base = dict(data="tiny", batch_size=8, seed=3, warmup_steps=5, init=str(cal), t_sampling="bound", bound_steps=8)
+    train(TrainConfig(**base, steps=6), TINY, sched, src, tmp_path / "r.pt", progress=False)
+    train(TrainConfig(**base, steps=10), TINY, sched, src, tmp_path / "r.pt", progress=False)  # resumes at 6
+    train(TrainConfig(**base, steps=10), TINY, sched, src, tmp_path / "u.pt", progress=False)
+    r, u = checkpoint.read(tmp_path / "r.pt"), checkpoint.read(tmp_path / "u.pt")
+    assert r["t_calibration"] == u["t_calibration"] and r["train"]["t_sampling"] == "bound"
+    for name in u["ema"]:
+        assert torch.equal(r["ema"][name], u["ema"][name]), name
+    with pytest.raises(checkpoint.CheckpointError, match="resume with it"):
+        train(TrainConfig(data="tiny", batch_size=8, seed=3, steps=12), TINY, sched, src, tmp_path / "r.pt",
+              progress=False)
+    with pytest.raises(checkpoint.CheckpointError, match="no calibration"):
+        train(TrainConfig(**{**base, "init": str(tiny_checkpoint)}, steps=2), TINY, sched, src,
+              tmp_path / "x.pt", progress=False)
