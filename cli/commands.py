@@ -288,11 +288,11 @@ def _png_bytes(arr: np.ndarray) -> bytes:
 
 
 # auto's switch between the lossless coders, in dimensions (pixels × channels). Measured with the
-# mnist model 2c95cab2 (K = 100, 2 threads; its successor 69d1f75b: 330–439 against 976–1,013,
-# eight digits 1,320 against 2,655, 1 thread): one digit 341–464 bytes as a channel file against
-# 986–1,001 by bits-back (whose initial bits cost ~680 bytes a file), eight digits 1,436 against
-# 2,694; with its predecessor one hundred digits 1.692 against 1.690 bits/dim. On photos bits-back
-# is ahead by 256×256 (astronaut crop 4.095 as a channel file, astronaut + coffee 4.080 by bits-back).
+# shipped mnist model 69d1f75b (K = 100, 1 thread): one digit 330–439 bytes as a channel file
+# against 976–1,013 by bits-back (whose initial bits cost ~680 bytes a file), eight digits 1,320
+# against 2,655; with an earlier model one hundred digits 1.692 against 1.690 bits/dim. On photos
+# bits-back is ahead by 256×256 (astronaut crop 4.095 as a channel file, astronaut + coffee 4.080
+# by bits-back, the earlier photos model).
 AUTO_CHANNEL_BELOW = 65_536
 
 

@@ -137,13 +137,13 @@ def decoder_error_slope(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: tor
     x0 = x0.to(torch.float32)
     k = torch.ones(x0.shape[0], dtype=torch.int64)
     xt = q_sample(sched, x0, k, torch.randn(x0.shape, generator=gen))
+    x0d = x0.double()
     with torch.no_grad():
-        err = predict_x0(sched, xt, k, net(xt, net_timesteps(sched, k))).clamp(-1, 1).double() - x0.double()
+        err = predict_x0(sched, xt, k, net(xt, net_timesteps(sched, k))).clamp(-1, 1).double() - x0d
     std = torch.tensor(math.sqrt(model_variance(sched, VarianceType.CALIBRATED, x0_mse)[1]), dtype=torch.float64)
 
     def l0(d: float) -> float:
-        mean = x0.double() + (1 + d) * err
-        return float(-discretized_gaussian_log_prob(x0.double(), mean, std).mean()) / math.log(2)
+        return float(-discretized_gaussian_log_prob(x0d, x0d + (1 + d) * err, std).mean()) / math.log(2)
 
     return 0.5 * (l0(delta) - l0(-delta)) / (2 * delta)
 
