@@ -42,11 +42,19 @@ SOURCES_HELP = ("mnist[:train|valid|test], fashion-mnist[:train|test], cifar10:P
                    "calibrated --init. See diffusion.BoundSampling.")
 @click.option("--bound-steps", type=click.IntRange(min=2), default=100, show_default=True,
               help="K of the chain --t-sampling bound trains for (the codec's --steps).")
+@click.option("--learn-variance", is_flag=True,
+              help="Learn each pixel's reverse variance: a second output s (σ² = β̃ + c² e(t)·exp(s), "
+                   "zero at the start, so the --init model's calibrated variance), trained with the hybrid "
+                   "loss of improved DDPM: the ε loss plus λ × the chain's bound with the mean held fixed. "
+                   "Needs --t-sampling bound and a calibrated --init (a model without s is widened). "
+                   "The codec then uses --variance learned by default.")
+@click.option("--vlb-weight", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="λ of --learn-variance's hybrid loss.")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="At the end, measure the x̂_0 error per step on 64 training images (see `calibrate`).")
 @user_errors
 def train(data, size, minutes, steps, out, schedule, T, batch, lr, ema, dropout, crop, seed, checkpoint_every,
-          init, t_sampling, bound_steps, calibrate):
+          init, t_sampling, bound_steps, learn_variance, vlb_weight, calibrate):
     """Train an ε-network with L_simple (Algorithm 1).
 
     Adam with warm-up, EMA of the weights, gradient clipping. A checkpoint is
@@ -68,7 +76,7 @@ def train(data, size, minutes, steps, out, schedule, T, batch, lr, ema, dropout,
     cfg = TrainConfig(data=data, batch_size=batch, lr=lr, ema_decay=ema, seed=seed, minutes=minutes,
                       steps=steps, checkpoint_every_s=checkpoint_every * 60,
                       init=str(init) if init is not None else None, t_sampling=t_sampling,
-                      bound_steps=bound_steps)
+                      bound_steps=bound_steps, learn_variance=learn_variance, vlb_weight=vlb_weight)
     meta = run(cfg, net_cfg, sched, source, out)
     click.echo(f"trained {meta['step']} steps in {meta['elapsed_s'] / 60:.1f} min -> {out}", err=True)
     if calibrate:
@@ -135,9 +143,11 @@ def _check_writable(out: Path, force: bool) -> None:
               help="full: every term (K network calls per image); mc: unbiased estimate with random steps.")
 @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Random steps per image for --method mc.")
-@click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated"]), default=None,
-              help="Reverse-process variance σ²: β, β̃, or calibrated from the model's measured x̂_0 error "
-              "(`ddpm-codec calibrate`). Default: calibrated if the model has it (as `encode`), else β̃.")
+@click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated", "learned"]), default=None,
+              help="Reverse-process variance σ²: β, β̃, learned per pixel (a model trained with "
+                   "--learn-variance; its default), or calibrated from the model's measured x̂_0 error "
+              "(`ddpm-codec calibrate`). Default: learned if the model learns it, else calibrated if the "
+              "model has it (as `encode`), else β̃.")
 @click.option("--spacing", type=click.Choice(["optimal", "even"]), default=None,
               help="Which K steps: optimal (least expected bound, from the model's calibration; the default "
                    "for calibrated models) or evenly spaced.")
@@ -206,7 +216,8 @@ def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, as
 @click.option("--method", type=click.Choice(["ancestral", "ddim"]), default="ancestral", show_default=True,
               help="ancestral: Algorithm 2; ddim: Song et al. 2021.")
 @click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="DDIM η.")
-@click.option("--variance", type=click.Choice(["beta", "beta_tilde"]), default="beta", show_default=True)
+@click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated", "learned"]), default="beta",
+              show_default=True, help="σ² of the ancestral steps (calibrated and learned need a model that has them).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @user_errors
@@ -303,8 +314,9 @@ AUTO_CHANNEL_BELOW = 65_536
 @click.option("--model", default=None, help="Shipped model name or checkpoint path (default: by channels).")
 @click.option("--steps", "K", type=click.IntRange(min=1), default=None,
               help="K-step respaced chain (default: 100; more steps: lower rate, slower).")
-@click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated"]), default=None,
-              help="Reverse-process variance (default: calibrated if the model has it, else beta_tilde).")
+@click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated", "learned"]), default=None,
+              help="Reverse-process variance (default: learned if the model learns it, else calibrated if the "
+                   "model has a calibration, else beta_tilde). Lossy files use calibrated for learned.")
 @click.option("--grid-bits", type=click.IntRange(0, 8), default=None,
               help="Latent grid δ_t = √β_t / 2^b (default 1; 0 for cosine-schedule models such as mnist).")
 @click.option("--spacing", type=click.Choice(["optimal", "even"]), default=None,
@@ -583,7 +595,7 @@ def info(file, model, as_json):
               help="Image files instead of a source (e.g. a photo coded through tiles).")
 @click.option("--steps", "Ks", default="100", show_default=True, help="Comma-separated K values to measure.")
 @click.option("--grid-bits", "grids", default="1", show_default=True, help="Comma-separated b values.")
-@click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated"]), default=None)
+@click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated", "learned"]), default=None)
 @click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--no-bound", is_flag=True, help="Skip the bound of the same chain (saves K network calls/image).")
 @click.option("--spacing", type=click.Choice(["optimal", "even"]), default=None,

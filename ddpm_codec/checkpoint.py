@@ -29,13 +29,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line for the user."""
 
 
-def model_id(net_config: dict, schedule_spec: dict, ema_state: dict, calibration: dict | None = None) -> str:
-    """Hash of everything that decides the codec's numbers: config, schedule, EMA weights and the
-    variance calibration (if any)."""
+def model_id(net_config: dict, schedule_spec: dict, ema_state: dict, calibration: dict | None = None,
+             var_base: dict | None = None) -> str:
+    """Hash of everything that decides the codec's numbers: config, schedule, EMA weights, the
+    variance calibration (if any) and a learned variance's base (if any)."""
     h = hashlib.sha256()
     desc = {"net": net_config, "schedule": schedule_spec}
     if calibration is not None:
         desc["x0_mse"] = [float(v).hex() for v in calibration["x0_mse"]]
+    if var_base is not None:
+        desc["var_base"] = [float(v).hex() for v in var_base["x0_mse"]]
     h.update(json.dumps(desc, sort_keys=True).encode())
     for name in sorted(ema_state):
         t = ema_state[name].detach().to("cpu").contiguous()
@@ -55,17 +58,26 @@ class LoadedModel:
     path: Path
     train: dict = field(default_factory=dict)
     x0_mse: np.ndarray | None = None  # e(t), t = 0 … T: see VarianceType.CALIBRATED
+    var_base: np.ndarray | None = None  # the e(t) a learned variance was trained against (VarianceType.LEARNED)
     _optimal: dict = field(default_factory=dict, repr=False)  # K -> chain of optimal steps
 
     def default_variance(self) -> VarianceType:
-        """The calibrated variance when the model has a calibration, else β̃ (the coder's and nll's default)."""
+        """The learned variance when the model has one, else the calibrated variance when the model
+        has a calibration, else β̃ (the coder's and nll's default)."""
+        if self.var_base is not None:
+            return VarianceType.LEARNED
         return VarianceType.CALIBRATED if self.x0_mse is not None else VarianceType.FIXED_SMALL
 
-    def variance(self, sched: Schedule, var_type: VarianceType) -> np.ndarray:
-        """The σ² table of ``var_type`` for the chain ``sched``."""
-        if var_type is VarianceType.CALIBRATED and self.x0_mse is None:
+    def variance(self, sched: Schedule, var_type: VarianceType):
+        """The σ² table of ``var_type`` for the chain ``sched`` (``diffusion.LearnedVariance`` for LEARNED)."""
+        if var_type is VarianceType.LEARNED:
+            if self.var_base is None:
+                raise CheckpointError(f"{self.path.name} does not learn its variance (train --learn-variance)")
+            return model_variance(sched, var_type, self.var_base)
+        e = self.x0_mse if self.x0_mse is not None else self.var_base  # a learned model not calibrated again
+        if var_type is VarianceType.CALIBRATED and e is None:
             raise CheckpointError(f"{self.path.name} has no variance calibration; run `ddpm-codec calibrate` on it")
-        return model_variance(sched, var_type, self.x0_mse)
+        return model_variance(sched, var_type, e)
 
     def chain(self, K: int | None, spacing: str | None = None) -> Schedule:
         """The K-step chain the codec and ``nll --steps K`` use. ``spacing`` "optimal" (the default
@@ -151,10 +163,14 @@ def load(path: str | os.PathLike) -> LoadedModel:
     for p in net.parameters():
         p.requires_grad_(False)
     cal = ck.get("calibration")
+    base = ck.get("var_base")
+    if (base is not None) != cfg.learn_sigma:
+        raise CheckpointError(f"{path}: a learned variance needs both the network's second output and its base")
     return LoadedModel(net=net, config=cfg, schedule=schedule_from_spec(ck["schedule"]),
-                       model_id=model_id(ck["net_config"], ck["schedule"], ck["ema"], cal),
+                       model_id=model_id(ck["net_config"], ck["schedule"], ck["ema"], cal, base),
                        path=Path(path), train=dict(ck.get("train", {})),
-                       x0_mse=None if cal is None else np.asarray(cal["x0_mse"], dtype=np.float64))
+                       x0_mse=None if cal is None else np.asarray(cal["x0_mse"], dtype=np.float64),
+                       var_base=None if base is None else np.asarray(base["x0_mse"], dtype=np.float64))
 
 
 def shipped_models() -> dict[str, Path]:
@@ -198,7 +214,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike) -> LoadedModel:
     """A shippable copy of a checkpoint: EMA weights, config, schedule, calibration and training
     metadata; no raw weights, optimizer or RNG state (so it cannot be resumed). Same model id."""
     ck = read(src)
-    keep = {k: ck[k] for k in ("net_config", "schedule", "ema", "train", "calibration") if k in ck}
+    keep = {k: ck[k] for k in ("net_config", "schedule", "ema", "train", "calibration", "var_base") if k in ck}
     keep["train"] = {k: v for k, v in keep.get("train", {}).items() if k != "losses"}
     save(dst, keep)
     out = load(dst)

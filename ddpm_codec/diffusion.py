@@ -7,6 +7,7 @@ and index the schedule tables directly (see ``schedule``). A network is called a
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +28,55 @@ class VarianceType(enum.Enum):
     # measured per-dimension MSE of the clipped x̂_0 at step t — the isotropic optimum of
     # Analytic-DPM (Bao et al. 2022) for a mean-predicting model. Needs the model's calibration.
     CALIBRATED = "calibrated"
+    # per dimension: σ² = β̃_k + c_k² e(τ_k) · exp(s), s the network's second output (a model with
+    # ``learn_sigma``), trained on the bound; e the calibration the head was trained against
+    # (``LearnedVariance``). s = 0 is CALIBRATED.
+    LEARNED = "learned"
+
+
+S_STEPS = 16  # s is rounded to 1/16: exp(s) comes from a table, identical on every machine
+S_MIN, S_MAX = -12.0, 6.0
+_EXP_S = np.array([math.exp(i / S_STEPS) for i in range(int(S_MIN * S_STEPS), int(S_MAX * S_STEPS) + 1)])
+
+
+@dataclass(frozen=True)
+class LearnedVariance:
+    """The σ² of ``VarianceType.LEARNED``: the calibrated table ``base`` [K+1] and, per step, β̃_k;
+    each dimension's σ² = β̃_k + (base_k − β̃_k) · exp(s)."""
+
+    base: np.ndarray
+    beta_tilde: np.ndarray
+
+    def __getitem__(self, k):  # the calibrated σ², for code that needs one number per step
+        return self.base[k]
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+
+def exp_s(s: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+    """exp(s) of the variance head, s clamped to [S_MIN, S_MAX]: float64. Rounded to 1/S_STEPS
+    and read from a table unless ``differentiable`` (training), so that coder and decoder agree
+    to the bit whatever their exp."""
+    if differentiable:
+        return torch.exp(s.clamp(S_MIN, S_MAX).to(torch.float64))
+    i = torch.round(s.detach().to(torch.float64).clamp(S_MIN, S_MAX) * S_STEPS).to(torch.int64) - int(S_MIN * S_STEPS)
+    return torch.from_numpy(_EXP_S)[i]
+
+
+def split_output(out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ε, s) from a network's output: s is None unless the network learns σ (2C channels)."""
+    if out.shape[1] == channels:
+        return out, None
+    if out.shape[1] == 2 * channels:
+        return out[:, :channels], out[:, channels:]
+    raise ValueError(f"the network gave {out.shape[1]} channels for {channels}-channel images")
+
+
+def eps_of(net: "EpsNet", x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """ε_θ(x, t) alone, whether or not the network also learns σ."""
+    return split_output(net(x, t), x.shape[1])[0]
 
 
 def at(table: np.ndarray, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -35,7 +85,7 @@ def at(table: np.ndarray, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return vals.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def model_variance(sched: Schedule, var_type: VarianceType, x0_mse: np.ndarray | None = None) -> np.ndarray:
+def model_variance(sched: Schedule, var_type: VarianceType, x0_mse: np.ndarray | None = None):
     """σ_k² for k = 0 … K (entry 0 unused), float64.
 
     The reference code decodes L_0 with σ_1² = β̃_2 for both types; for σ² = β we keep β_1,
@@ -46,7 +96,7 @@ def model_variance(sched: Schedule, var_type: VarianceType, x0_mse: np.ndarray |
     elif var_type is VarianceType.FIXED_SMALL:
         var = sched.beta_tilde.copy()
         var[1] = sched.beta_tilde[2] if sched.K >= 2 else sched.betas[1]
-    elif var_type is VarianceType.CALIBRATED:
+    elif var_type in (VarianceType.CALIBRATED, VarianceType.LEARNED):
         if x0_mse is None:
             raise ValueError("the calibrated variance needs the model's x̂_0 error table (ddpm-codec calibrate)")
         e = np.asarray(x0_mse, dtype=np.float64)[sched.timesteps]
@@ -54,6 +104,9 @@ def model_variance(sched: Schedule, var_type: VarianceType, x0_mse: np.ndarray |
     else:  # pragma: no cover
         raise ValueError(var_type)
     var[0] = 0.0
+    if var_type is VarianceType.LEARNED:
+        var.setflags(write=False)
+        return LearnedVariance(var, sched.beta_tilde)
     return var
 
 
@@ -99,7 +152,7 @@ class PStep:
     """p_θ(x_{k−1} | x_k) = N(mean, var I) and the predictions it came from."""
 
     mean: torch.Tensor  # [B,C,H,W]
-    var: torch.Tensor  # [B,1,1,1]
+    var: torch.Tensor  # [B,1,1,1], or [B,C,H,W] with a learned variance
     eps: torch.Tensor  # [B,C,H,W]
     pred_x0: torch.Tensor  # [B,C,H,W], clipped to [-1, 1] if asked
 
@@ -114,29 +167,38 @@ def p_step(
     sched: Schedule,
     xt: torch.Tensor,
     k: torch.Tensor,
-    variance: np.ndarray,
+    variance,
     clip: bool = True,
 ) -> PStep:
     """p_θ(x_{k−1} | x_k): mean μ̃_k(x_k, x̂_0(x_k, ε_θ)) (eq. 11 via eq. 7), variance σ_k².
 
-    ``variance`` is the σ² table of ``model_variance``. The network runs in float32; the rest
-    in the dtype of ``xt`` (float64 for the bound and the coder)."""
-    eps = net(xt.to(torch.float32), net_timesteps(sched, k)).to(xt.dtype)
+    ``variance`` is the σ² table of ``model_variance`` (a ``LearnedVariance``: σ² per dimension
+    from the network's s). The network runs in float32; the rest in the dtype of ``xt``
+    (float64 for the bound and the coder)."""
+    eps, s = split_output(net(xt.to(torch.float32), net_timesteps(sched, k)), xt.shape[1])
+    eps = eps.to(xt.dtype)
     pred_x0 = predict_x0(sched, xt, k, eps)
     if clip:
         pred_x0 = pred_x0.clamp(-1.0, 1.0)
     mean, _ = q_posterior_mean_var(sched, pred_x0, xt, k)
-    var = at(variance, k, xt)
+    if isinstance(variance, LearnedVariance):
+        if s is None:
+            raise ValueError("a learned variance needs a network that learns σ")
+        bt = at(variance.beta_tilde, k, xt)
+        var = (bt + (at(variance.base, k, xt) - bt) * exp_s(s)).to(xt.dtype)
+    else:
+        var = at(variance, k, xt)
     return PStep(mean=mean, var=var, eps=eps, pred_x0=pred_x0)
 
 
 # --- Algorithm 1 ----------------------------------------------------------------------------
 
 def l_simple(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator,
-             t_sampling: "BoundSampling | None" = None) -> torch.Tensor:
+             t_sampling: "BoundSampling | None" = None, variance_loss: "VarianceLoss | None" = None) -> torch.Tensor:
     """L_simple (eq. 14, Algorithm 1): ‖ε − ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)‖², mean over all dims,
     t uniform; or, with ``t_sampling``, t drawn and each image's error weighted by it
-    (``BoundSampling``)."""
+    (``BoundSampling``). With ``variance_loss`` (a network that learns σ) plus its term: the
+    hybrid loss of improved DDPM (Nichol & Dhariwal 2021, §3.1)."""
     B = x0.shape[0]
     if t_sampling is None:
         k = torch.randint(1, sched.K + 1, (B,), generator=gen)
@@ -144,11 +206,59 @@ def l_simple(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generato
         k = torch.multinomial(t_sampling.probs_t, B, replacement=True, generator=gen)
     noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
     xt = q_sample(sched, x0, k, noise)
-    eps = net(xt, net_timesteps(sched, k))
+    eps, s = split_output(net(xt, net_timesteps(sched, k)), x0.shape[1])
     err = (eps - noise) ** 2
     if t_sampling is None:
-        return torch.mean(err)
-    return torch.mean(err.flatten(1).mean(1) * t_sampling.weight_t[k])
+        loss = torch.mean(err)
+    else:
+        loss = torch.mean(err.flatten(1).mean(1) * t_sampling.weight_t[k])
+    if variance_loss is not None:
+        if s is None or t_sampling is None:
+            raise ValueError("the variance term needs a network that learns σ and bound sampling")
+        loss = loss + variance_loss(x0, xt, k, eps, s, t_sampling.probs_t).to(loss.dtype)
+    return loss
+
+
+@dataclass(frozen=True)
+class VarianceLoss:
+    """The variance head's term of the hybrid loss: λ · L_k / P(τ_k) for the drawn chain step,
+    L_k the bits/dim of the chain's term at τ_k (KL of the jump τ_k → τ_{k−1}, or the decoder's
+    L_0) with the mean held fixed (stop-gradient, as improved DDPM's L_vlb): an unbiased estimate
+    of λ × the chain's bound, whose gradient reaches only σ. 1 / P is capped at ``max_weight``."""
+
+    chain: Schedule  # the K-step chain bound sampling trains for
+    variance: LearnedVariance  # its σ² base (the calibration at the start of training)
+    index: np.ndarray  # chain index k of each original step t, 0 off the chain
+    weight: float = 1e-3  # λ
+    max_weight: float = 1000.0
+
+    @staticmethod
+    def build(sched: Schedule, x0_mse: np.ndarray, steps: tuple[int, ...], weight: float = 1e-3) -> "VarianceLoss":
+        chain = sched.respace(list(steps))
+        index = np.zeros(sched.T + 1, dtype=np.int64)
+        index[np.asarray(steps)] = np.arange(1, len(steps) + 1)
+        return VarianceLoss(chain, model_variance(chain, VarianceType.LEARNED, x0_mse), index, weight)
+
+    def __call__(self, x0, xt, t, eps, s, probs_t) -> torch.Tensor:
+        from .likelihood import LN2, log_normal_interval, bin_edges, normal_kl
+
+        k = torch.from_numpy(self.index[t.numpy()])
+        if torch.any(k == 0):
+            raise ValueError("a step off the chain reached the variance term")
+        x0, xt, eps = x0.double(), xt.double(), eps.detach().double()  # the mean is held fixed
+        pred = predict_x0(self.chain, xt, k, eps).clamp(-1.0, 1.0)
+        mean, _ = q_posterior_mean_var(self.chain, pred, xt, k)
+        bt = at(self.variance.beta_tilde, k, xt)
+        var = bt + (at(self.variance.base, k, xt) - bt) * exp_s(s, differentiable=True)
+        q_mean, q_var = q_posterior_mean_var(self.chain, x0, xt, k)
+        kl = normal_kl(q_mean, q_var.clamp(min=1e-30).expand_as(q_mean), mean, var)
+        lower, upper = bin_edges(x0)  # finite end edges: an infinite one would give 0·∞ gradients
+        std = var.sqrt()
+        nll0 = -log_normal_interval((lower.clamp(min=-10.0) - mean) / std, (upper.clamp(max=10.0) - mean) / std)
+        first = (k == 1).reshape(-1, 1, 1, 1)
+        bits = torch.where(first, nll0, kl).flatten(1).mean(1) / LN2
+        w = torch.clamp(1.0 / probs_t[t], max=self.max_weight)
+        return self.weight * torch.mean(bits * w)
 
 
 @dataclass(frozen=True)
@@ -253,7 +363,7 @@ def ddim_sample(
     x, top = _start(sched, shape, gen, x_start, from_k)
     for step in range(top, 0, -1):
         k = torch.full((shape[0],), step, dtype=torch.int64)
-        eps = net(x, net_timesteps(sched, k))
+        eps = eps_of(net, x, net_timesteps(sched, k))
         x0 = predict_x0(sched, x, k, eps).clamp(-1.0, 1.0)
         eps = eps_from_x0(sched, x, k, x0)
         ab = at(sched.alpha_bar, k, x)

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .diffusion import EpsNet, VarianceType, model_variance, p_step, q_mean_var, q_posterior_mean_var, q_sample
+from .diffusion import EpsNet, VarianceType, eps_of, model_variance, p_step, q_mean_var, q_posterior_mean_var, q_sample
 from .schedule import Schedule
 
 LN2 = math.log(2.0)
@@ -117,7 +117,7 @@ def x0_mse_per_step(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.G
         k = torch.full((x0.shape[0],), step, dtype=torch.int64)
         noise = torch.randn(x0.shape, generator=gen)
         xt = q_sample(sched, x0, k, noise)
-        pred = predict_x0(sched, xt, k, net(xt, net_timesteps(sched, k))).clamp(-1, 1)
+        pred = predict_x0(sched, xt, k, eps_of(net, xt, net_timesteps(sched, k))).clamp(-1, 1)
         e[step] = float(((pred.double() - x0.double()) ** 2).mean())
         if progress:
             progress(x0.shape[0])
@@ -139,7 +139,7 @@ def decoder_error_slope(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: tor
     xt = q_sample(sched, x0, k, torch.randn(x0.shape, generator=gen))
     x0d = x0.double()
     with torch.no_grad():
-        err = predict_x0(sched, xt, k, net(xt, net_timesteps(sched, k))).clamp(-1, 1).double() - x0d
+        err = predict_x0(sched, xt, k, eps_of(net, xt, net_timesteps(sched, k))).clamp(-1, 1).double() - x0d
     std = torch.tensor(math.sqrt(model_variance(sched, VarianceType.CALIBRATED, x0_mse)[1]), dtype=torch.float64)
 
     def l0(d: float) -> float:

@@ -124,6 +124,14 @@ class _Chain:
         return mean.reshape(-1), x0.reshape(-1)
 
 
+def _lossy_variance(model, var_type: VarianceType | None) -> VarianceType:
+    """The reverse channel codes every dimension of a step with one σ: a learned variance's
+    model is coded with its calibrated one (valid for any σ; only the lossless coder uses s)."""
+    if var_type is None:
+        var_type = model.default_variance()
+    return VarianceType.CALIBRATED if var_type is VarianceType.LEARNED else var_type
+
+
 def _u8(x0: np.ndarray, shape) -> np.ndarray:
     return np.clip(np.rint((x0 + 1.0) * 127.5), 0, 255).astype(np.uint8).reshape(shape)
 
@@ -214,8 +222,7 @@ def encode_lossy(
     keep the longest prefix of segments whose file is at most R bits/dim (at least segment 0).
     ``record``: keep each segment's reconstruction x̂_0(x_t) (for rate–distortion reports)."""
     t0 = time.perf_counter()
-    if var_type is None:
-        var_type = model.default_variance()
+    var_type = _lossy_variance(model, var_type)
     if not 1 <= index_bits <= MAX_INDEX_BITS:
         raise ValueError(f"index bits must be in 1..{MAX_INDEX_BITS}")
     if layout not in LAYOUTS or (layout == "rows" and index_bits > 16):
@@ -359,8 +366,7 @@ def exact_chain_kl(
     in bits with x_t drawn exactly from q (not through the channel): KL(q(x_T|x_0) ‖ N(0, I)),
     then KL(q(x_{t−1}|x_t, x_0) ‖ p_θ(x_{t−1}|x_t)) per step, then −log2 p_θ(x_0|x_1) with the
     L_0 decoder. Their sum is the variational bound of this chain on these images (one sample)."""
-    if var_type is None:
-        var_type = model.default_variance()
+    var_type = _lossy_variance(model, var_type)
     units = np.concatenate([to_units(im, model.image_size) for _, im in images])
     sched = model.chain(steps, spacing)
     K = sched.K

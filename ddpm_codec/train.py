@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .data import to_model_space
-from .diffusion import BoundSampling, l_simple
-from .nets.unet import UNet, UNetConfig
+from .diffusion import BoundSampling, VarianceLoss, l_simple
+from .nets.unet import UNet, UNetConfig, widen_for_sigma
 from .schedule import Schedule
 
 
@@ -34,6 +34,8 @@ class TrainConfig:
     init: str | None = None  # start from this checkpoint's EMA weights (fine-tuning); fresh optimiser and clock
     t_sampling: str = "uniform"  # "uniform" (L_simple) or "bound" (diffusion.BoundSampling)
     bound_steps: int = 100  # K of the chain "bound" sampling trains for
+    learn_variance: bool = False  # a second output s per pixel, trained by the hybrid loss (diffusion.VarianceLoss)
+    vlb_weight: float = 1e-3  # λ of the hybrid loss
 
 
 def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
@@ -56,6 +58,10 @@ def train(
     if cfg.minutes is None and cfg.steps is None:
         raise ValueError("give a budget: minutes or steps")
     out = Path(out)
+    if cfg.learn_variance:
+        if cfg.t_sampling != "bound":
+            raise ValueError("--learn-variance trains for the coded chain: use it with --t-sampling bound")
+        net_config = UNetConfig.from_dict({**net_config.to_dict(), "learn_sigma": True})
     with torch.random.fork_rng(devices=[]):  # weight init from the seed, global RNG untouched
         torch.manual_seed(cfg.seed)
         net = UNet(net_config)
@@ -66,6 +72,7 @@ def train(
     state = {"step": 0, "elapsed_s": 0.0, "losses": []}
     init_meta = None
     t_calibration = None  # x̂_0 errors "bound" sampling is built from (kept in the checkpoint for resuming)
+    var_base = None  # the x̂_0 errors a learned variance is relative to (kept in the checkpoint)
     if cfg.init is not None and not out.exists():
         src = checkpoint.read(cfg.init)
         if cfg.t_sampling == "bound":
@@ -73,11 +80,21 @@ def train(
                 raise checkpoint.CheckpointError(
                     f"--init {cfg.init} has no calibration to build bound sampling from (ddpm-codec calibrate)")
             t_calibration = {"x0_mse": list(src["calibration"]["x0_mse"])}
-        if src["net_config"] != net_config.to_dict() or src["schedule"] != sched.spec():
+        src_cfg = {k: v for k, v in src["net_config"].items() if k != "learn_sigma"}
+        own_cfg = {k: v for k, v in net_config.to_dict().items() if k != "learn_sigma"}
+        if src_cfg != own_cfg or src["schedule"] != sched.spec():
             raise checkpoint.CheckpointError(
                 f"--init {cfg.init}: its network or schedule differs from this run's (same --size, --schedule, --T)")
-        net.load_state_dict(src["ema"])
-        ema.load_state_dict(src["ema"])
+        weights = src["ema"]
+        if src["net_config"].get("learn_sigma", False) != net_config.learn_sigma:
+            if not net_config.learn_sigma:
+                raise checkpoint.CheckpointError(f"--init {cfg.init} learns its variance: train it with --learn-variance")
+            weights = widen_for_sigma(weights, net_config)
+        if net_config.learn_sigma:
+            var_base = src.get("var_base") or t_calibration
+            var_base = {"x0_mse": list(var_base["x0_mse"])}
+        net.load_state_dict(weights)
+        ema.load_state_dict(weights)
         init_meta = {"init_source": src.get("train", {}).get("source"),
                      "init_minutes": src.get("train", {}).get("elapsed_s", 0.0) / 60}
     if out.exists():
@@ -95,6 +112,7 @@ def train(
             raise checkpoint.CheckpointError(
                 f"{out} was trained with --t-sampling {ck['train'].get('t_sampling', 'uniform')}; resume with it")
         t_calibration = ck.get("t_calibration")
+        var_base = ck.get("var_base")
         init_meta = {k: ck["train"][k] for k in ("init_source", "init_minutes") if k in ck["train"]} or None
         print(f"resuming {out} at step {state['step']} ({state['elapsed_s'] / 60:.1f} min trained)", file=sys.stderr)
 
@@ -113,6 +131,11 @@ def train(
               f"P(t = 1) = {float(t_sampling.probs_t[1]):.3f}", file=sys.stderr)
     elif cfg.t_sampling != "uniform":
         raise ValueError(f"unknown t sampling {cfg.t_sampling!r}")
+    variance_loss = None
+    if net_config.learn_sigma:
+        if var_base is None:
+            raise checkpoint.CheckpointError("--learn-variance needs a calibrated --init checkpoint")
+        variance_loss = VarianceLoss.build(sched, np.asarray(var_base["x0_mse"]), t_sampling.steps, cfg.vlb_weight)
 
     def done() -> bool:
         if cfg.steps is not None and state["step"] >= cfg.steps:
@@ -127,6 +150,7 @@ def train(
             "ema": ema.state_dict(), "raw": net.state_dict(), "optim": opt.state_dict(),
             "rng": {"numpy": rng.bit_generator.state, "torch": gen.get_state()}, "train": meta,
             **({"t_calibration": t_calibration} if t_calibration is not None else {}),
+            **({"var_base": var_base} if var_base is not None else {}),
         })
 
     total = cfg.steps if cfg.steps is not None else None
@@ -141,7 +165,7 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr
         x0 = to_model_space(source.sample(rng, cfg.batch_size))
-        loss = l_simple(net, sched, x0, gen, t_sampling)
+        loss = l_simple(net, sched, x0, gen, t_sampling, variance_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if not math.isfinite(loss.item()):

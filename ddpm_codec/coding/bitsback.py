@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy.special import ndtr
 
-from ..diffusion import EpsNet, p_step
+from ..diffusion import EpsNet, LearnedVariance, p_step
 from ..schedule import Schedule
 from .entropy import MAX_RANGE, Stack
 
@@ -34,12 +34,14 @@ RANGE_SIGMAS = 12.0  # residual ranges are ±12 standard deviations (in grid uni
 PIXEL_CHUNK = 1 << 15  # dims per categorical call (a [chunk, 256] float64 table)
 
 
-def pixel_probs(mean: np.ndarray, std: float) -> np.ndarray:
+def pixel_probs(mean: np.ndarray, std) -> np.ndarray:
     """p(u | mean, std) for u = 0 … 255: the discretized Gaussian of L_0 (eq. 13) with bin
-    edges at x ± 1/255, end bins open; [n] -> [n, 256], float64 (scalar ndtr: deterministic)."""
+    edges at x ± 1/255, end bins open; [n] -> [n, 256], float64 (scalar ndtr: deterministic).
+    ``std``: one number, or one per value [n] (a learned variance)."""
     levels = np.arange(256, dtype=np.float64) * (2.0 / 255.0) - 1.0
     edges = np.concatenate([[-np.inf], levels[:-1] + 1.0 / 255.0, [np.inf]])
-    z = (edges[None, :] - mean[:, None]) / std  # [n, 257]
+    std = np.asarray(std, dtype=np.float64)
+    z = (edges[None, :] - mean[:, None]) / (std[:, None] if std.ndim else std)  # [n, 257]
     lower, upper = ndtr(z), ndtr(-z)  # Φ(z) and 1 − Φ(z), each exact in its own tail
     right = z[:, :-1] > 0  # bins right of the mean: differences of the upper tail keep precision
     p = np.where(right, upper[:, :-1] - upper[:, 1:], lower[:, 1:] - lower[:, :-1])
@@ -53,12 +55,13 @@ class ChainCoder:
 
     net: EpsNet
     sched: Schedule
-    variance: np.ndarray  # σ_k² of p_θ, [K+1] (``model_variance``)
+    variance: "np.ndarray | LearnedVariance"  # σ_k² of p_θ, [K+1] (``model_variance``)
     grid_bits: int = 2
     delta: np.ndarray = field(init=False)  # grid widths δ_k, [K+1] (entry 0 unused: pixels)
 
     def __post_init__(self) -> None:
-        if self.variance.shape != (self.sched.K + 1,) or not np.all(self.variance[1:] > 0):
+        table = self.variance.base if isinstance(self.variance, LearnedVariance) else self.variance
+        if table.shape != (self.sched.K + 1,) or not np.all(table[1:] > 0):
             raise ValueError("the variance table must be positive, one entry per step")
         delta = np.sqrt(self.sched.betas) / 2.0 ** self.grid_bits
         delta[0] = np.nan
@@ -75,22 +78,26 @@ class ChainCoder:
     def _q_range(self) -> int:
         return int(math.ceil(RANGE_SIGMAS * self._q_std()))
 
-    def _p_std_range(self, k: int) -> tuple[float, int]:
-        """std of p_θ(x_{k−1} | x_k) in units of δ_{k−1}, and its residual range (k ≥ 2)."""
-        s = math.sqrt(self.variance[k]) / self.delta[k - 1]
-        return s, int(min(MAX_RANGE, math.ceil(RANGE_SIGMAS * s)))
+    def _p_std_range(self, k: int, var) -> tuple["float | np.ndarray", int]:
+        """std of p_θ(x_{k−1} | x_k) in units of δ_{k−1} (one number, or one per dimension for a
+        learned variance), and the residual range of the widest (k ≥ 2)."""
+        s = np.sqrt(var) / self.delta[k - 1]
+        return s, int(min(MAX_RANGE, math.ceil(RANGE_SIGMAS * float(np.max(s)))))
 
     def _prior_std_range(self) -> tuple[float, int]:
         s = 1.0 / self.delta[self.K]
         return s, int(min(MAX_RANGE, math.ceil(RANGE_SIGMAS * s)))
 
-    def _p(self, n_k: np.ndarray, k: int, shape: tuple[int, ...]) -> np.ndarray:
-        """Mean of p_θ(x_{k−1} | x_k) given the grid indices of x_k: [B·D] float64."""
+    def _p(self, n_k: np.ndarray, k: int, shape: tuple[int, ...]) -> tuple[np.ndarray, "float | np.ndarray"]:
+        """Mean of p_θ(x_{k−1} | x_k) given the grid indices of x_k, [B·D] float64, and its
+        variance: one number, or [B·D] for a learned variance."""
         xt = torch.from_numpy((n_k * self.delta[k]).reshape(shape))
         kk = torch.full((shape[0],), k, dtype=torch.int64)
         with torch.no_grad():
             step = p_step(self.net, self.sched, xt, kk, self.variance)
-        return step.mean.numpy().reshape(-1)
+        if isinstance(self.variance, LearnedVariance):
+            return step.mean.numpy().reshape(-1), step.var.numpy().reshape(-1)
+        return step.mean.numpy().reshape(-1), float(self.variance[k])
 
     def _p_frac(self, mean: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """p_θ(x_{k−1} | x_k) as (rounded centre, fractional mean) in units of δ_{k−1} (k ≥ 2)."""
@@ -106,15 +113,19 @@ class ChainCoder:
 
     # --- pixels (k = 1) ----------------------------------------------------------------------
 
-    def _push_pixels(self, stack: Stack, u: np.ndarray, mean: np.ndarray) -> None:
-        std = math.sqrt(self.variance[1])
+    @staticmethod
+    def _part(std, s: int):
+        return std[s:s + PIXEL_CHUNK] if np.ndim(std) else std
+
+    def _push_pixels(self, stack: Stack, u: np.ndarray, mean: np.ndarray, var) -> None:
+        std = np.sqrt(var)
         starts = list(range(0, u.size, PIXEL_CHUNK))
         for s in reversed(starts):  # last chunk first, so the decoder pops chunk 0 first
-            stack.push_categorical(u[s:s + PIXEL_CHUNK], pixel_probs(mean[s:s + PIXEL_CHUNK], std))
+            stack.push_categorical(u[s:s + PIXEL_CHUNK], pixel_probs(mean[s:s + PIXEL_CHUNK], self._part(std, s)))
 
-    def _pop_pixels(self, stack: Stack, mean: np.ndarray) -> np.ndarray:
-        std = math.sqrt(self.variance[1])
-        parts = [stack.pop_categorical(pixel_probs(mean[s:s + PIXEL_CHUNK], std))
+    def _pop_pixels(self, stack: Stack, mean: np.ndarray, var) -> np.ndarray:
+        std = np.sqrt(var)
+        parts = [stack.pop_categorical(pixel_probs(mean[s:s + PIXEL_CHUNK], self._part(std, s)))
                  for s in range(0, mean.size, PIXEL_CHUNK)]
         return np.concatenate(parts)
 
@@ -132,11 +143,11 @@ class ChainCoder:
             n_k = c + stack.pop_gaussian_bounded(frac, self._q_std(), self._q_range())
             if on_step:
                 on_step(stack)
-            mean = self._p(n_k, k, shape)
+            mean, var = self._p(n_k, k, shape)
             if k == 1:
-                self._push_pixels(stack, u, mean)
+                self._push_pixels(stack, u, mean, var)
             else:
-                s, R = self._p_std_range(k)
+                s, R = self._p_std_range(k, var)
                 cp, fp = self._p_frac(mean, k)
                 stack.push_gaussian(n_prev - cp, fp, s, R)
             x_prev, n_prev = n_k * self.delta[k], n_k
@@ -149,12 +160,12 @@ class ChainCoder:
         s, R = self._prior_std_range()
         n_k = stack.pop_gaussian(np.zeros(size), s, R)
         for k in range(self.K, 0, -1):
-            mean = self._p(n_k, k, shape)
+            mean, var = self._p(n_k, k, shape)
             if k == 1:
-                u = self._pop_pixels(stack, mean)
+                u = self._pop_pixels(stack, mean, var)
                 x_prev = u * (2.0 / 255.0) - 1.0
             else:
-                s, R = self._p_std_range(k)
+                s, R = self._p_std_range(k, var)
                 cp, fp = self._p_frac(mean, k)
                 n_prev = cp + stack.pop_gaussian(fp, s, R)
                 x_prev = n_prev * self.delta[k - 1]

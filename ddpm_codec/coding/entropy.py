@@ -45,21 +45,27 @@ class Stack:
     # --- a Gaussian on an integer grid, coded as a residual from its rounded mean ------------
 
     @staticmethod
-    def _check_gaussian(frac: np.ndarray, std: float, R: int) -> None:
+    def _check_gaussian(frac: np.ndarray, std, R: int) -> np.ndarray:
+        """Validates; returns the std per symbol (``std`` is one number or one per symbol)."""
         _finite("mean", frac)
-        if not (np.isfinite(std) and std > 0):
-            raise CodingError(f"standard deviation {std} reached the entropy coder")
+        std = np.asarray(std, dtype=np.float64)
+        if not (np.all(np.isfinite(std)) and np.all(std > 0)):
+            raise CodingError("a non-positive or non-finite standard deviation reached the entropy coder")
         if not 1 <= R <= MAX_RANGE:
             raise CodingError(f"residual range ±{R} outside 1..{MAX_RANGE}")
+        if std.ndim and std.shape != frac.shape:
+            raise CodingError("one standard deviation per symbol, or one for all")
+        return np.ascontiguousarray(np.broadcast_to(std, frac.shape))
 
-    def push_gaussian(self, residual: np.ndarray, frac: np.ndarray, std: float, R: int) -> None:
-        """Push integer residuals r under N(frac, std²) quantized to integers on [−R, R]
+    def push_gaussian(self, residual: np.ndarray, frac: np.ndarray, std, R: int) -> None:
+        """Push integer residuals r under N(frac, std²) (``std`` one number or one per residual)
+        quantized to integers on [−R, R]
         (tails folded into the edges); |r| ≥ R also pushes the excess |r| − R uniformly
         (``ESCAPE_BITS``), before the residuals, so it is popped after them."""
         residual = np.asarray(residual, dtype=np.int64)
         frac = np.asarray(frac, dtype=np.float64)
         assert residual.shape == frac.shape and residual.ndim == 1
-        self._check_gaussian(frac, std, R)
+        std = self._check_gaussian(frac, std, R)
         excess = np.abs(residual) - R
         edge = excess >= 0
         if np.any(edge):
@@ -67,13 +73,13 @@ class Stack:
                 raise CodingError("a latent lies too far from its model's mean to be coded")
             self._coder.encode_reverse(excess[edge].astype(np.int32), _model.Uniform(1 << ESCAPE_BITS))
         sym = np.clip(residual, -R, R).astype(np.int32)
-        self._coder.encode_reverse(sym, _model.QuantizedGaussian(-R, R), frac, np.full(frac.shape, float(std)))
+        self._coder.encode_reverse(sym, _model.QuantizedGaussian(-R, R), frac, std)
 
-    def pop_gaussian(self, frac: np.ndarray, std: float, R: int) -> np.ndarray:
+    def pop_gaussian(self, frac: np.ndarray, std, R: int) -> np.ndarray:
         """Inverse of ``push_gaussian``: the residuals, int64."""
         frac = np.asarray(frac, dtype=np.float64)
-        self._check_gaussian(frac, std, R)
-        sym = np.asarray(self._coder.decode(_model.QuantizedGaussian(-R, R), frac, np.full(frac.shape, float(std))),
+        std = self._check_gaussian(frac, std, R)
+        sym = np.asarray(self._coder.decode(_model.QuantizedGaussian(-R, R), frac, std),
                          dtype=np.int64)
         edge = np.abs(sym) == R
         if np.any(edge):
@@ -85,19 +91,19 @@ class Stack:
         """Pop residuals in [−R, R] under the quantized N(frac, std²) with folded tails, no escape
         (for sampling latents from q: the popped value is whatever the model gives)."""
         frac = np.asarray(frac, dtype=np.float64)
-        self._check_gaussian(frac, std, R)
-        return np.asarray(self._coder.decode(_model.QuantizedGaussian(-R, R), frac, np.full(frac.shape, float(std))),
+        std = self._check_gaussian(frac, std, R)
+        return np.asarray(self._coder.decode(_model.QuantizedGaussian(-R, R), frac, std),
                           dtype=np.int64)
 
     def push_gaussian_bounded(self, residual: np.ndarray, frac: np.ndarray, std: float, R: int) -> None:
         """Inverse of ``pop_gaussian_bounded`` (returns the borrowed bits)."""
         residual = np.asarray(residual, dtype=np.int64)
         frac = np.asarray(frac, dtype=np.float64)
-        self._check_gaussian(frac, std, R)
+        std = self._check_gaussian(frac, std, R)
         if residual.size and np.abs(residual).max() > R:
             raise CodingError("residual outside its bounded range")
         self._coder.encode_reverse(residual.astype(np.int32), _model.QuantizedGaussian(-R, R), frac,
-                                   np.full(frac.shape, float(std)))
+                                   std)
 
     # --- 256-level categorical (the L_0 decoder) ------------------------------------------------
 

@@ -24,9 +24,15 @@ class UNetConfig:
     attn_levels: tuple[int, ...] = (2,)  # levels (0 = full resolution) that get self-attention
     dropout: float = 0.0
     groups: int = 8
+    # a second output of C channels, s: the log-scale of each pixel's x̂_0 error against the
+    # calibration (``diffusion.LearnedVariance``); zero-initialised, so s = 0 is the calibrated σ²
+    learn_sigma: bool = False
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["learn_sigma"]:  # absent unless set: older checkpoints (and their model ids) stay as they were
+            del d["learn_sigma"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
@@ -98,7 +104,7 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε_θ(x_t, t): [B, C, H, W] × [B] -> [B, C, H, W]."""
+    """ε_θ(x_t, t): [B, C, H, W] × [B] -> [B, C, H, W]; with ``learn_sigma`` [B, 2C, H, W], ε then s."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -138,12 +144,12 @@ class UNet(nn.Module):
                 self.up.append(nn.ModuleList(blocks))
         assert not skips
         self.norm_out = nn.GroupNorm(g, cur)
-        self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(cur, cfg.in_channels * (2 if cfg.learn_sigma else 1), 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
     @staticmethod
-    def _apply(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _run(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         for b in blocks:
             h = b(h, emb) if isinstance(b, ResBlock) else b(h)
         return h
@@ -153,12 +159,24 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         hs = [h]
         for blocks in self.down:
-            h = self._apply(blocks, h, emb)
+            h = self._run(blocks, h, emb)
             hs.append(h)
-        h = self._apply(self.mid, h, emb)
+        h = self._run(self.mid, h, emb)
         for blocks in self.up:
-            h = self._apply(blocks, torch.cat([h, hs.pop()], dim=1), emb)
+            h = self._run(blocks, torch.cat([h, hs.pop()], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def widen_for_sigma(state: dict, cfg: UNetConfig) -> dict:
+    """The state of a network without ``learn_sigma`` as one with it: ε unchanged, the new s
+    channels of ``conv_out`` zero (s = 0: the calibrated variance)."""
+    state = dict(state)
+    for name in ("conv_out.weight", "conv_out.bias"):
+        w = state[name]
+        if w.shape[0] != cfg.in_channels:
+            raise ValueError("the state already has a second output")
+        state[name] = torch.cat([w, torch.zeros_like(w)], dim=0)
+    return state
 
 
 def count_parameters(net: nn.Module) -> int:
