@@ -130,13 +130,20 @@ class _TimedNet:
         return out
 
 
-RAMP = 1.25  # growth of the first batches: a batch may borrow only what the ones before it paid in
+# Growth of the first batches: a batch may borrow only what the ones before it paid in. A batch's
+# stack dips ≈ D bits/dim below its start mid-chain (measured on 10 MNIST digits, K = 100, b = 0:
+# 5.6 with the calibrated variance, 5.8 with the learned one) and ends R (the rate) above it;
+# growing by r, the batches before one hold ≈ 1/(r − 1) times its size, so r ≤ 1 + R/D keeps
+# them ahead: 1.15 for R ≈ 1.0 (1.25 left the learned MNIST model 0.13 bits/dim of initial bits
+# on 1000 digits, against 0.014 for the calibrated one). Old files list their batches.
+RAMP = 1.15
 
 
 def batch_sizes(n: int, batch: int, first: int = 1) -> list[int]:
-    """Units per network batch. The first pop of a batch borrows ≈ 7 bits per dimension (b = 2),
-    which must already be on the stack or be paid as initial bits; so batches start at ``first``
-    and grow by ``RAMP`` up to ``batch``: the initial bits are those of one small batch."""
+    """Units per network batch. A batch borrows several bits per dimension before it pays them
+    back (see ``RAMP``), which must already be on the stack or be paid as initial bits; so batches
+    start at ``first`` and grow by ``RAMP`` up to ``batch``: the initial bits are those of the
+    first few small batches."""
     sizes, done, size = [], 0, max(1, min(first, batch))
     while done < n:
         s = min(size, n - done)
