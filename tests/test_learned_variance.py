@@ -50,12 +50,15 @@ def test_exp_table_and_output_split():
         split_output(out, 4)
 
 
-def test_unlearned_configs_keep_their_dict_and_ids():
-    """Older checkpoints have no learn_sigma key: their configs (and so the shipped model ids) are unchanged."""
+def test_unlearned_configs_keep_their_dict_and_ids(tiny_checkpoint):
+    """Older checkpoints have no learn_sigma key: their configs, and so their model ids, are unchanged."""
     assert "learn_sigma" not in TINY.to_dict()
     wide = UNetConfig.from_dict({**TINY.to_dict(), "learn_sigma": True})
     assert wide.to_dict()["learn_sigma"] is True and UNetConfig.from_dict(TINY.to_dict()) == TINY
-    assert checkpoint.load(checkpoint.shipped_models()["mnist"]).model_id == "69d1f75b4ed810b7"
+    ck = checkpoint.read(tiny_checkpoint)
+    again = UNetConfig.from_dict(ck["net_config"]).to_dict()
+    assert again == ck["net_config"]
+    assert checkpoint.model_id(again, ck["schedule"], ck["ema"]) == checkpoint.load(tiny_checkpoint).model_id
 
 
 def test_a_zero_head_is_the_calibrated_model(calibrated, tmp_path):
