@@ -47,12 +47,10 @@ class LearnedVariance:
     base: np.ndarray
     beta_tilde: np.ndarray
 
-    def __getitem__(self, k):  # the calibrated σ², for code that needs one number per step
-        return self.base[k]
-
-    @property
-    def shape(self):
-        return self.base.shape
+    def per_dim(self, k: torch.Tensor, like: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """σ² of each dimension at steps ``k`` given exp(s) (``scale``, shaped as ``like``)."""
+        bt = at(self.beta_tilde, k, like)
+        return bt + (at(self.base, k, like) - bt) * scale
 
 
 def exp_s(s: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
@@ -184,8 +182,7 @@ def p_step(
     if isinstance(variance, LearnedVariance):
         if s is None:
             raise ValueError("a learned variance needs a network that learns σ")
-        bt = at(variance.beta_tilde, k, xt)
-        var = (bt + (at(variance.base, k, xt) - bt) * exp_s(s)).to(xt.dtype)
+        var = variance.per_dim(k, xt, exp_s(s)).to(xt.dtype)
     else:
         var = at(variance, k, xt)
     return PStep(mean=mean, var=var, eps=eps, pred_x0=pred_x0)
@@ -248,8 +245,7 @@ class VarianceLoss:
         x0, xt, eps = x0.double(), xt.double(), eps.detach().double()  # the mean is held fixed
         pred = predict_x0(self.chain, xt, k, eps).clamp(-1.0, 1.0)
         mean, _ = q_posterior_mean_var(self.chain, pred, xt, k)
-        bt = at(self.variance.beta_tilde, k, xt)
-        var = bt + (at(self.variance.base, k, xt) - bt) * exp_s(s, differentiable=True)
+        var = self.variance.per_dim(k, xt, exp_s(s, differentiable=True))
         q_mean, q_var = q_posterior_mean_var(self.chain, x0, xt, k)
         kl = normal_kl(q_mean, q_var.clamp(min=1e-30).expand_as(q_mean), mean, var)
         lower, upper = bin_edges(x0)  # finite end edges: an infinite one would give 0·∞ gradients
