@@ -317,7 +317,8 @@ AUTO_CHANNEL_BELOW = 65_536
               help="K-step respaced chain (default: 100; more steps: lower rate, slower).")
 @click.option("--variance", type=click.Choice(["beta", "beta_tilde", "calibrated", "learned"]), default=None,
               help="Reverse-process variance (default: learned if the model learns it, else calibrated if the "
-                   "model has a calibration, else beta_tilde). Lossy files use calibrated for learned.")
+                   "model has a calibration, else beta_tilde). Lossy files of a learned model use its σ per "
+                   "pixel too (format version 4).")
 @click.option("--grid-bits", type=click.IntRange(0, 8), default=None,
               help="Latent grid δ_t = √β_t / 2^b (default 1; 0 for cosine-schedule models such as mnist).")
 @click.option("--spacing", type=click.Choice(["optimal", "even"]), default=None,

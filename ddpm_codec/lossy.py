@@ -37,10 +37,10 @@ from .codec import (DecodeError, Mode, _TimedNet, count_tiles, from_units, pixel
 from .coding.bitsback import PIXEL_CHUNK, pixel_probs
 from .coding.channel import (DEFAULT_INDEX_BITS, DEFAULT_KL_PER_CHUNK, DEFAULT_LAYOUT, LAYOUTS, StepChannel, chunk_count, kl_bits,
                              pack_indices, packed_bytes, unpack_indices)
-from .coding.container import (LOSSY_PREDICTED_VERSION, LOSSY_VERSION, FormatError, pack_names, pack_segments,
+from .coding.container import (LOSSY_LEARNED_VERSION, LOSSY_PREDICTED_VERSION, LOSSY_VERSION, FormatError, pack_names, pack_segments,
                                unpack_names, unpack_segments)
 from .coding.entropy import Stack
-from .diffusion import VarianceType, ddim_sample, p_step, sample
+from .diffusion import LearnedVariance, VarianceType, ddim_sample, p_step, sample
 from .schedule import Schedule, jump_costs, schedule_from_spec
 
 DEFAULT_LOSSY_STEPS = 100
@@ -112,24 +112,38 @@ class _Chain:
         n = shape[0]
         self.spans = [(a, min(n, a + batch)) for a in range(0, n, batch)]
 
-    def p(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(mean of p_θ(x_{k−1} | x_k), clipped x̂_0), both flat float64, from x_k flat float64."""
+    @property
+    def learned(self) -> bool:
+        return isinstance(self.variance, LearnedVariance)
+
+    def p(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, "float | np.ndarray"]:
+        """(mean of p_θ(x_{k−1} | x_k), clipped x̂_0, its σ), from x_k flat float64: flat float64
+        arrays; σ one number, or one per dimension with a learned variance."""
         xs = x.reshape(self.shape)
         mean, x0 = np.empty(self.shape), np.empty(self.shape)
+        var = np.empty(self.shape) if self.learned else None
         with torch.no_grad():
             for a, b in self.spans:
                 kk = torch.full((b - a,), k, dtype=torch.int64)
                 st = p_step(self.net, self.sched, torch.from_numpy(xs[a:b]), kk, self.variance)
                 mean[a:b], x0[a:b] = st.mean.numpy(), st.pred_x0.numpy()
-        return mean.reshape(-1), x0.reshape(-1)
+                if var is not None:
+                    var[a:b] = st.var.to(torch.float64).numpy()
+        std = np.sqrt(var.reshape(-1)) if var is not None else math.sqrt(self.variance[k])
+        return mean.reshape(-1), x0.reshape(-1), std
+
+    def kl_weight(self, std: "float | np.ndarray", k: int) -> np.ndarray | None:
+        """Each dimension's predicted KL of step k (up to a factor), from the learned σ alone —
+        E KL = ½ log(σ²/β̃) where σ² = β̃ + E(μ_q − μ_p)² — for balanced chunks; None without."""
+        if not self.learned:
+            return None
+        return np.log(np.square(std) / self.sched.beta_tilde[k])
 
 
 def _lossy_variance(model, var_type: VarianceType | None) -> VarianceType:
-    """The reverse channel codes every dimension of a step with one σ: a learned variance's
-    model is coded with its calibrated one (valid for any σ; only the lossless coder uses s)."""
-    if var_type is None:
-        var_type = model.default_variance()
-    return VarianceType.CALIBRATED if var_type is VarianceType.LEARNED else var_type
+    """The model's default: its learned variance (one σ per dimension, version-4 files) if it
+    has one, else one σ per step."""
+    return model.default_variance() if var_type is None else var_type
 
 
 def _u8(x0: np.ndarray, shape) -> np.ndarray:
@@ -274,12 +288,15 @@ def encode_lossy(
         n = sum(1 for s in segs if s.step > 0)
         checks = "".join(_check(b) for b in bodies if b)
         h = dict(header, tail=tail)
-        if counts is None:
+        if counts is None and not chain.learned:
             h.update(chunks=[s.chunks for s in segs if s.step > 0], checks=checks)
             return pack_segments(h, b"".join(bodies), LOSSY_VERSION)
-        h.update(chunks_vs_expected=residuals[:n], checks=base64.b64encode(bytes.fromhex(checks)).decode("ascii"),
-                 pixels_sha256=digest[:DIGEST_HEX_V3])
-        return pack_segments(h, b"".join(bodies), LOSSY_PREDICTED_VERSION)
+        if counts is None:  # (a learned model not calibrated: counts listed, in a version-4 file)
+            h.update(chunks=[s.chunks for s in segs if s.step > 0])
+        else:
+            h.update(chunks_vs_expected=residuals[:n])
+        h.update(checks=base64.b64encode(bytes.fromhex(checks)).decode("ascii"), pixels_sha256=digest[:DIGEST_HEX_V3])
+        return pack_segments(h, b"".join(bodies), LOSSY_LEARNED_VERSION if chain.learned else LOSSY_PREDICTED_VERSION)
 
     def add(seg: Segment, body: bytes, tail: bool = False) -> bool:
         """Append a segment; False (and not appended) if it would break the rate limit."""
@@ -307,18 +324,18 @@ def encode_lossy(
             progress(1)
         complete = False
         for k in range(K, 0, -1):
-            mean, pred = chain.p(x, k)
+            mean, pred, s_p = chain.p(x, k)
             if record:
                 recon.append(_u8(pred, units.shape))
             if k == k_stop:
                 break
             if k >= 2:
                 post = sched.post_coef_x0[k] * x0 + sched.post_coef_xt[k] * x
-                s_q, s_p = math.sqrt(sched.beta_tilde[k]), math.sqrt(var[k])
+                s_q = math.sqrt(sched.beta_tilde[k])
                 kl = float(kl_bits(post, s_q, mean, s_p).sum())
                 c0 = time.perf_counter()
                 ch = StepChannel(seed, K - k + 1, index_bits, temperature, threads, layout)
-                idx, x_new = ch.encode(post, s_q, mean, s_p, n_chunks(kl))
+                idx, x_new = ch.encode(post, s_q, mean, s_p, n_chunks(kl), chain.kl_weight(s_p, k))
                 ch_seconds += time.perf_counter() - c0
                 if not add(Segment(int(sched.timesteps[k - 1]), idx.size, packed_bytes(idx.size, index_bits), kl),
                            pack_indices(idx, index_bits)):
@@ -327,14 +344,14 @@ def encode_lossy(
             else:  # the tail: x_0 exactly with the L_0 decoder
                 c0 = time.perf_counter()
                 u = units.reshape(-1).astype(np.int64)
-                scale = _tail_scale(u, mean, math.sqrt(var[1]))
+                scale = _tail_scale(u, mean, s_p)
                 header["tail_scale"] = scale
-                std = math.sqrt(var[1]) * scale
+                std = s_p * scale
                 stack = Stack()
                 nll = 0.0
                 starts = list(range(0, u.size, PIXEL_CHUNK))
                 for s in reversed(starts):
-                    probs = pixel_probs(mean[s:s + PIXEL_CHUNK], std)
+                    probs = pixel_probs(mean[s:s + PIXEL_CHUNK], _part(std, s))
                     picked = probs[np.arange(probs.shape[0]), u[s:s + PIXEL_CHUNK]]
                     nll -= float(np.log2(np.maximum(picked, 2.0**-24)).sum())  # the coder's floor, about
                     stack.push_categorical(u[s:s + PIXEL_CHUNK], probs)
@@ -378,21 +395,26 @@ def exact_chain_kl(
     out = [float(kl_bits(math.sqrt(ab) * x0, math.sqrt(1.0 - ab), np.zeros_like(x0), 1.0).sum())]
     x = math.sqrt(ab) * x0 + math.sqrt(1.0 - ab) * rng.standard_normal(x0.size)
     for k in range(K, 1, -1):
-        mean, _ = chain.p(x, k)
+        mean, _, s_p = chain.p(x, k)
         post = sched.post_coef_x0[k] * x0 + sched.post_coef_xt[k] * x
         s_q = math.sqrt(sched.beta_tilde[k])
-        out.append(float(kl_bits(post, s_q, mean, math.sqrt(var[k])).sum()))
+        out.append(float(kl_bits(post, s_q, mean, s_p).sum()))
         x = post + s_q * rng.standard_normal(x0.size)
-    mean, _ = chain.p(x, 1)
-    out.append(_pixel_bits(units.reshape(-1).astype(np.int64), mean, math.sqrt(var[1])))
+    mean, _, s_p = chain.p(x, 1)
+    out.append(_pixel_bits(units.reshape(-1).astype(np.int64), mean, s_p))
     return out
 
 
-def _pixel_bits(u: np.ndarray, mean: np.ndarray, std: float) -> float:
+def _part(std: "float | np.ndarray", a: int) -> "float | np.ndarray":
+    """The σ of pixels a … a + PIXEL_CHUNK − 1: one number, or their slice of a per-pixel array."""
+    return std[a:a + PIXEL_CHUNK] if np.ndim(std) else std
+
+
+def _pixel_bits(u: np.ndarray, mean: np.ndarray, std: "float | np.ndarray") -> float:
     """−log2 of pixels ``u`` under the L_0 decoder (discretized Gaussians), at the coder's floor."""
     bits = 0.0
     for a in range(0, u.size, PIXEL_CHUNK):
-        probs = pixel_probs(mean[a:a + PIXEL_CHUNK], std)
+        probs = pixel_probs(mean[a:a + PIXEL_CHUNK], _part(std, a))
         bits -= float(np.log2(np.maximum(probs[np.arange(probs.shape[0]), u[a:a + PIXEL_CHUNK]], 2.0**-24)).sum())
     return bits
 
@@ -400,11 +422,12 @@ def _pixel_bits(u: np.ndarray, mean: np.ndarray, std: float) -> float:
 TAIL_SCALES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 
 
-def _tail_scale(u: np.ndarray, mean: np.ndarray, std: float, n: int = 1 << 15) -> float:
+def _tail_scale(u: np.ndarray, mean: np.ndarray, std: "float | np.ndarray", n: int = 1 << 15) -> float:
     """The decoder's std for the tail, as a multiple of σ_1: x_1 reached through the channel is
     further from x_0 than a true draw of q, so a wider L_0 decoder codes x_0 cheaper. The encoder
     picks the scale of least code length on (at most) ``n`` evenly spread pixels; it goes in the header."""
     sel = np.linspace(0, u.size - 1, min(n, u.size)).astype(np.int64)
+    std = std[sel] if np.ndim(std) else std
     return min(TAIL_SCALES, key=lambda sc: _pixel_bits(u[sel], mean[sel], std * sc))
 
 
@@ -455,7 +478,7 @@ def _parse(data: bytes, model: LoadedModel | None = None, strict: bool = False) 
         else:
             chunks = [int(c) for c in h["chunks"]]
         checks = str(h["checks"])
-        if h["_version"] == LOSSY_PREDICTED_VERSION:  # base64 of the check bytes (hex in version 2)
+        if h["_version"] != LOSSY_VERSION:  # base64 of the check bytes (hex in version 2)
             checks = base64.b64decode(checks.encode("ascii"), validate=True).hex()
         tail = bool(h["tail"])
         if not 1 <= bits <= MAX_INDEX_BITS or len(chunks) > K or min(chunks, default=0) < 0:
@@ -531,7 +554,10 @@ def decode_lossy(
         if layout not in LAYOUTS:
             raise FormatError(f"header: unknown candidate layout {layout!r}")
         threads, batch = int(h["threads"]), int(h["batch"])
-        var = model.variance(p.sched, VarianceType(h["variance"]))
+        var_type = VarianceType(h["variance"])
+        if (var_type is VarianceType.LEARNED) != (h["_version"] == LOSSY_LEARNED_VERSION):
+            raise FormatError(f"header: variance {var_type.value} in a version-{h['_version']} file")
+        var = model.variance(p.sched, var_type)
         tail_scale = float(h["tail_scale"]) if h["tail"] else 1.0
         if not 0.1 <= tail_scale <= 100:
             raise FormatError("header: bad tail scale")
@@ -569,17 +595,18 @@ def decode_lossy(
             k = K  # x holds x_{τ_k}
             mean = pred = None
             for s in range(1, want):
-                mean, pred = chain.p(x, k)
+                mean, pred, s_p = chain.p(x, k)
                 seg = p.body[offsets[s]:offsets[s + 1]]
                 if p.steps[s] > 0:
                     idx = unpack_indices(seg, p.chunks[s], bits)
-                    x = StepChannel(seed_file, s, bits, workers=threads, layout=layout).decode(idx, mean, math.sqrt(var[k]))
+                    x = StepChannel(seed_file, s, bits, workers=threads, layout=layout).decode(
+                        idx, mean, s_p, chain.kl_weight(s_p, k))
                     k -= 1
                     mean = pred = None
                 else:  # the tail
                     stack = Stack(np.frombuffer(seg, dtype="<u4"))
-                    std = math.sqrt(var[1]) * tail_scale
-                    parts = [stack.pop_categorical(pixel_probs(mean[a:a + PIXEL_CHUNK], std))
+                    std = s_p * tail_scale
+                    parts = [stack.pop_categorical(pixel_probs(mean[a:a + PIXEL_CHUNK], _part(std, a)))
                              for a in range(0, D, PIXEL_CHUNK)]
                     if stack.words().size:
                         raise DecodeError("the lossless tail did not end where it should: the file is corrupt")
@@ -590,7 +617,7 @@ def decode_lossy(
             if not exact:
                 if reconstruct is Reconstruct.PREDICT:
                     if pred is None:
-                        _, pred = chain.p(x, k)
+                        _, pred, _ = chain.p(x, k)
                     u = _u8(pred, shape)
                 else:
                     gen = torch.Generator().manual_seed(seed)

@@ -107,7 +107,7 @@ def test_corrupt_files_are_refused(model):
     with pytest.raises(FormatError, match="magic"):
         decode(b"GIF89a" + data[6:], model)
     with pytest.raises(FormatError, match="version"):
-        decode(data[:4] + (4).to_bytes(2, "little") + data[6:], model)
+        decode(data[:4] + (5).to_bytes(2, "little") + data[6:], model)
     with pytest.raises(FormatError, match="truncated"):
         decode(data[:-9], model)
     with pytest.raises(FormatError, match="checksum"):

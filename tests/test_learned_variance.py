@@ -12,7 +12,9 @@ from ddpm_codec.data import ArraySource, to_model_space
 from ddpm_codec.diffusion import (LearnedVariance, S_MAX, S_MIN, S_STEPS, VarianceLoss, VarianceType, exp_s,
                                   model_variance, q_sample, split_output)
 from ddpm_codec.likelihood import LN2, bound_full, step_term
-from ddpm_codec.lossy import decode_lossy, encode_lossy
+from ddpm_codec.coding.container import (LOSSY_LEARNED_VERSION, LOSSY_PREDICTED_VERSION, FormatError, pack_segments,
+                                         unpack_segments)
+from ddpm_codec.lossy import decode_lossy, encode_lossy, exact_chain_kl, lossy_info
 from ddpm_codec.nets.unet import UNet, UNetConfig, widen_for_sigma
 from ddpm_codec.schedule import ScheduleKind, make_schedule
 from ddpm_codec.train import TrainConfig, train
@@ -136,13 +138,33 @@ def test_learned_variance_trains_lowers_the_bound_and_codes_exactly(learned, cal
     assert net == pytest.approx(a, rel=0.08), (net, a)
 
 
-def test_lossy_files_of_a_learned_model_use_its_calibrated_variance(learned):
+def test_lossy_files_of_a_learned_model_use_its_learned_variance(learned):
+    """Version-4 files: one σ per dimension in the channel and the tail; exact at the end, and a
+    file cut short decodes to its last whole step. Its theoretical rate is below the same
+    chain's with the calibrated variance."""
     imgs = [(f"i{i}.png", im) for i, im in enumerate(tiny_images(3, seed=5))]
     res = encode_lossy(imgs, learned, steps=8, batch=4)
+    assert res.data[4] == LOSSY_LEARNED_VERSION
+    assert lossy_info(res.data, learned)["variance"] == "learned"
     dec = decode_lossy(res.data, learned)
     assert dec.exact
     for (_, a), (_, b) in zip(dec.images, imgs):
         assert np.array_equal(a, b)
+    cut = decode_lossy(res.data[:len(res.data) - res.segments[-1].bytes - 2], learned)
+    assert cut.truncated and not cut.exact and cut.step == res.segments[-2].step
+    cal = encode_lossy(imgs, learned, steps=8, batch=4, var_type=VarianceType.CALIBRATED)
+    assert cal.data[4] == LOSSY_PREDICTED_VERSION or cal.data[4] == 2
+    assert decode_lossy(cal.data, learned).exact
+    many = [(f"m{i}.png", im) for i, im in enumerate(tiny_images(24, seed=8))]
+    lrn = sum(exact_chain_kl(many, learned, steps=8))
+    assert lrn < sum(exact_chain_kl(many, learned, steps=8, var_type=VarianceType.CALIBRATED))
+    # a learned file whose header claims version 3 is refused
+    h, body, _ = unpack_segments(res.data)
+    for key in ("_version", "payload_bytes"):
+        h.pop(key)
+    bad = pack_segments(h, body, LOSSY_PREDICTED_VERSION)
+    with pytest.raises(FormatError, match="variance learned in a version-3"):
+        decode_lossy(bad, learned)
 
 
 def test_training_refusals(tmp_path, calibrated, learned):

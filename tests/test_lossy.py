@@ -14,7 +14,7 @@ from PIL import Image
 from ddpm_codec import checkpoint
 from ddpm_codec.cli.main import cli
 from ddpm_codec.codec import DecodeError
-from ddpm_codec.coding.channel import StepChannel, kl_bits, pack_indices, unpack_indices
+from ddpm_codec.coding.channel import StepChannel, balanced_chunks, kl_bits, pack_indices, unpack_indices
 from ddpm_codec.coding.container import FormatError
 from ddpm_codec.lossy import Reconstruct, decode_lossy, encode_lossy, exact_chain_kl, lossy_info
 
@@ -66,6 +66,60 @@ def test_channel_decodes_the_encoders_sample_and_tracks_q(layout, bits, kpc):
     assert abs(z.mean()) < 0.1 and 0.8 < z.var() < 1.3
     # a sample from p with no chunks: both sides draw the same one
     assert np.array_equal(ch.encode(mu_q, s_q, mu_p, s_p, 0)[1], ch.decode(np.zeros(0, np.int64), mu_p, s_p))
+
+
+def test_balanced_chunks_partition_the_dims_and_even_out_a_skewed_weight():
+    rng = np.random.default_rng(2)
+    D, n = 5000, 37
+    weight = rng.pareto(1.5, D)  # heavy-tailed, like the KL of a step's pixels
+    order = rng.permutation(D)
+    chunks = balanced_chunks(order, weight, n)
+    assert len(chunks) == n
+    assert np.array_equal(np.sort(np.concatenate(chunks)), np.arange(D))  # every dimension once
+    assert max(c.size for c in chunks) - min(c.size for c in chunks) <= 1
+    bal = np.array([weight[c].sum() for c in chunks])
+    rnd = np.array([weight[c].sum() for c in np.array_split(order, n)])
+    assert bal.std() < 0.5 * rnd.std()
+    assert [c.tolist() for c in balanced_chunks(order, weight, n)] == [c.tolist() for c in chunks]
+
+
+def test_channel_with_a_sigma_per_dimension():
+    """A learned variance: p's σ differs per dimension; the window scores (two correlations) pick
+    the largest importance weight, and the receiver rebuilds x from the same σ and chunks."""
+    from ddpm_codec.coding.channel import _stream
+
+    rng = np.random.default_rng(6)
+    d = 250
+    mu_p = rng.normal(size=d)
+    s_p = np.exp(rng.uniform(-0.2, 1.0, d)) * 0.5
+    s_q = 0.45
+    mu_q = mu_p + 0.4 * s_p * rng.normal(size=d)
+    ch = StepChannel(seed=9, step=3, index_bits=12, layout="window")
+    w = np.log(s_p**2 / s_q**2)
+    idx, x = ch.encode(mu_q, s_q, mu_p, s_p, 1, w)
+    dims = ch._chunks(d, 1, w)[0]
+    z = _stream(9, 3, 0).standard_normal(4096 + d - 1, dtype=np.float32).astype(np.float64)
+    win = np.lib.stride_tricks.sliding_window_view(z, d)[:4096]
+    xs = mu_p[dims] + s_p[dims] * win
+    logw = (-0.5 * ((xs - mu_q[dims]) / s_q) ** 2 + 0.5 * win**2).sum(1)
+    assert int(idx[0]) == int(np.argmax(logw))
+    assert np.allclose(x[dims], xs[idx[0]])
+    assert np.array_equal(ch.decode(idx, mu_p, s_p, w), x)
+    # many chunks: the sample follows q's offset from p and its spread around μ_q
+    D = 6000
+    mu_p = rng.normal(size=D)
+    s_p = np.exp(rng.uniform(-0.3, 0.3, D))
+    mu_q = mu_p + 0.3 * s_p * rng.normal(size=D)
+    s_q = 0.8
+    n = round(float(kl_bits(mu_q, s_q, mu_p, s_p).sum()) / 12)
+    idx, x = ch.encode(mu_q, s_q, mu_p, s_p, n, np.log(s_p))
+    assert np.array_equal(ch.decode(idx, mu_p, s_p, np.log(s_p)), x)
+    dq = mu_q - mu_p
+    assert 0.6 < float((x - mu_p) @ dq / (dq @ dq)) < 1.1
+    zq = (x - mu_q) / s_q
+    assert abs(zq.mean()) < 0.1 and 0.7 < zq.var() < 1.4
+    with pytest.raises(ValueError, match="window"):
+        StepChannel(seed=1, step=1, index_bits=8, layout="rows").encode(mu_q, s_q, mu_p, s_p, 3)
 
 
 def test_window_candidates_are_windows_of_one_draw_and_near_q():

@@ -65,10 +65,24 @@ LAYOUTS = ("rows", "window")
 ROW_BLOCK = 64  # candidate rows drawn at a time (bounds memory for large steps)
 
 
-def kl_bits(mu_q: np.ndarray, s_q: float, mu_p: np.ndarray, s_p: float) -> np.ndarray:
-    """KL(N(μ_q, s_q²) ‖ N(μ_p, s_p²)) per dimension, in bits."""
+def kl_bits(mu_q: np.ndarray, s_q: float, mu_p: np.ndarray, s_p) -> np.ndarray:
+    """KL(N(μ_q, s_q²) ‖ N(μ_p, s_p²)) per dimension, in bits (``s_p`` one number or one per dimension)."""
     r = (s_q / s_p) ** 2
-    return 0.5 * (r - 1.0 - math.log(r) + (mu_q - mu_p) ** 2 / s_p**2) / LN2
+    return 0.5 * (r - 1.0 - np.log(r) + (mu_q - mu_p) ** 2 / s_p**2) / LN2
+
+
+def balanced_chunks(order: np.ndarray, weight: np.ndarray, n_chunks: int) -> list[np.ndarray]:
+    """Split the dimensions into ``n_chunks`` of nearly equal total ``weight`` (a per-dimension
+    prediction of the KL that both sides compute): sorted by weight, heaviest first (ties in the
+    pseudo-random ``order``), dealt to the chunks back and forth (0 … n−1, n−1 … 0, …). Chunk
+    sizes differ by at most one, like ``np.array_split``'s."""
+    ranked = order[np.argsort(-weight[order], kind="stable")]
+    r = np.arange(ranked.size)
+    lap, pos = np.divmod(r, n_chunks)
+    label = np.where(lap % 2 == 0, pos, n_chunks - 1 - pos)
+    by = np.argsort(label, kind="stable")
+    bounds = np.cumsum(np.bincount(label, minlength=n_chunks))[:-1]
+    return np.split(ranked[by], bounds)
 
 
 def _stream(seed: int, step: int, chunk: int) -> np.random.Generator:
@@ -102,8 +116,11 @@ class StepChannel:
     def candidates(self) -> int:
         return 1 << self.index_bits
 
-    def _chunks(self, n_dims: int, n_chunks: int) -> list[np.ndarray]:
-        return np.array_split(_order(self.seed, self.step, n_dims), n_chunks)
+    def _chunks(self, n_dims: int, n_chunks: int, weight: np.ndarray | None = None) -> list[np.ndarray]:
+        order = _order(self.seed, self.step, n_dims)
+        if weight is None:
+            return np.array_split(order, n_chunks)
+        return balanced_chunks(order, weight, n_chunks)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -116,7 +133,7 @@ class StepChannel:
         g = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.step, j, 0x6B3E])))
         return self.temperature * g.gumbel(size=n)
 
-    def prior_draw(self, mu_p: np.ndarray, s_p: float) -> np.ndarray:
+    def prior_draw(self, mu_p: np.ndarray, s_p) -> np.ndarray:
         """x for a step sent with no chunks: a draw from p both sides make alike."""
         eps = _stream(self.seed, self.step, -1 & 0xFFFFFFFF).standard_normal(mu_p.size, dtype=np.float32)
         return mu_p + s_p * eps.astype(np.float64)
@@ -127,14 +144,20 @@ class StepChannel:
         with ThreadPoolExecutor(self.workers) as ex:  # numpy's generators and BLAS release the GIL
             return list(ex.map(lambda j: fn(*j), jobs))
 
-    def encode(self, mu_q: np.ndarray, s_q: float, mu_p: np.ndarray, s_p: float,
-               n_chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, mu_q: np.ndarray, s_q: float, mu_p: np.ndarray, s_p,
+               n_chunks: int, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Choose one candidate per chunk; returns (indices [n_chunks] int64, x [D] float64).
+        ``s_p``: p's standard deviation, one number or one per dimension (a learned variance;
+        window layout only). ``weight``: chunks balanced by this per-dimension prediction of the
+        KL (``balanced_chunks``; the decoder must pass the same), else cut from the random order.
         Each chunk has its own streams, so the result does not depend on ``workers``."""
+        per_dim = np.ndim(s_p) > 0
+        if per_dim and self.layout != "window":
+            raise ValueError("a per-dimension σ of p needs the window layout")
         if n_chunks == 0:
             return np.zeros(0, dtype=np.int64), self.prior_draw(mu_p, s_p)
-        # log q(x)/p(x) at x = μ_p + s_p ε, up to a constant: a·|ε|² + ε·(b Δ)
-        a = 0.5 * (1.0 - (s_p / s_q) ** 2)
+        # log q(x)/p(x) at x = μ_p + s_p ε, up to a constant: Σ a_i ε_i² + ε·(b Δ)
+        a = 0.5 * (1.0 - (np.asarray(s_p, dtype=np.float64) / s_q) ** 2)
         b = s_p / s_q**2
         delta = (mu_q - mu_p).astype(np.float64)
         N = self.candidates
@@ -156,33 +179,39 @@ class StepChannel:
         def one_window(j: int, dims: np.ndarray) -> tuple[int, np.ndarray]:
             d = dims.size
             z = _stream(self.seed, self.step, j).standard_normal(N + d - 1, dtype=np.float32)
-            c = np.empty(N + d)  # c[k] = Σ_{m<k} z_m², summed in float64
-            c[0] = 0.0
-            np.cumsum(z * z, dtype=np.float64, out=c[1:])
-            score = c[d:d + N] - c[:N]
-            score *= a
-            score += window_correlation(z, b * delta[dims], N)
+            if per_dim:  # Σ a_i ε_i² over each window: a second correlation, of z² with a
+                score = window_correlation(z * z, a[dims], N).astype(np.float64)
+                score += window_correlation(z, (b[dims] * delta[dims]), N)
+            else:
+                c = np.empty(N + d)  # c[k] = Σ_{m<k} z_m², summed in float64
+                c[0] = 0.0
+                np.cumsum(z * z, dtype=np.float64, out=c[1:])
+                score = c[d:d + N] - c[:N]
+                score *= a
+                score += window_correlation(z, b * delta[dims], N)
             if self.temperature > 0:
                 score += self._gumbel(j, N)
             i = int(np.argmax(score))
             return i, z[i:i + d]
 
-        chunks = self._chunks(mu_p.size, n_chunks)
+        chunks = self._chunks(mu_p.size, n_chunks, weight)
         x = np.empty_like(mu_p, dtype=np.float64)
         idx = np.empty(n_chunks, dtype=np.int64)
         fn = one_window if self.layout == "window" else one
         for j, (dims, (i, row)) in enumerate(zip(chunks, self._map(fn, list(enumerate(chunks))))):
             idx[j] = i
-            x[dims] = mu_p[dims] + s_p * row.astype(np.float64)
+            x[dims] = mu_p[dims] + (s_p[dims] if per_dim else s_p) * row.astype(np.float64)
         return idx, x
 
-    def decode(self, idx: np.ndarray, mu_p: np.ndarray, s_p: float) -> np.ndarray:
-        """x from the chunk indices (``len(idx)`` chunks; none: the shared draw from p)."""
+    def decode(self, idx: np.ndarray, mu_p: np.ndarray, s_p, weight: np.ndarray | None = None) -> np.ndarray:
+        """x from the chunk indices (``len(idx)`` chunks; none: the shared draw from p); ``s_p``
+        and ``weight`` as the encoder had them."""
         if idx.size == 0:
             return self.prior_draw(mu_p, s_p)
         if idx.min() < 0 or idx.max() >= self.candidates:
             raise ValueError("chunk index out of range")
-        chunks = self._chunks(mu_p.size, idx.size)
+        per_dim = np.ndim(s_p) > 0
+        chunks = self._chunks(mu_p.size, idx.size, weight)
 
         def one(j: int, dims: np.ndarray) -> np.ndarray:
             i = int(idx[j])
@@ -193,7 +222,7 @@ class StepChannel:
 
         x = np.empty_like(mu_p, dtype=np.float64)
         for dims, row in zip(chunks, self._map(one, list(enumerate(chunks)))):
-            x[dims] = mu_p[dims] + s_p * row.astype(np.float64)
+            x[dims] = mu_p[dims] + (s_p[dims] if per_dim else s_p) * row.astype(np.float64)
         return x
 
 

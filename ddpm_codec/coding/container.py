@@ -33,10 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DDPM"
-VERSION = 3  # the highest version this reader knows
+VERSION = 4  # the highest version this reader knows
 LOSSLESS_VERSION = 1
 LOSSY_VERSION = 2  # chunk counts listed
 LOSSY_PREDICTED_VERSION = 3  # chunk counts as differences from the model's prediction
+LOSSY_LEARNED_VERSION = 4  # as 3, with the learned variance: σ per dimension, chunks balanced by predicted KL
+SEGMENTED_VERSIONS = (LOSSY_VERSION, LOSSY_PREDICTED_VERSION, LOSSY_LEARNED_VERSION)
 _FIXED = struct.Struct("<4sHI")
 MAX_HEADER = 64 << 20  # decompressed header bytes a reader accepts
 
@@ -130,11 +132,11 @@ def read_header(data: bytes) -> dict:
 
 def pack_segments(header: dict, body: bytes, version: int = LOSSY_VERSION) -> bytes:
     """A segmented (lossy) file: the header (``payload_bytes`` added), its CRC, the body, the body's CRC."""
-    if version not in (LOSSY_VERSION, LOSSY_PREDICTED_VERSION):
+    if version not in SEGMENTED_VERSIONS:
         raise ValueError(f"version {version} is not a segmented file's")
     header = dict(header, payload_bytes=len(body))
     text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    if version == LOSSY_PREDICTED_VERSION:
+    if version != LOSSY_VERSION:
         z = zlib.compressobj(9, zdict=HEADER_DICT)
         hbytes = z.compress(text) + z.flush()
     else:
@@ -148,7 +150,7 @@ def unpack_segments(data: bytes) -> tuple[dict, bytes, bool]:
     CRC is checked here; a short one is returned as far as it goes (its segments carry their
     own checks); an over-long one is refused."""
     header = read_header(data)
-    if header["_version"] not in (LOSSY_VERSION, LOSSY_PREDICTED_VERSION):
+    if header["_version"] not in SEGMENTED_VERSIONS:
         raise FormatError("not a segmented (lossy) file")
     start = _FIXED.size + header.pop("_header_len") + 4
     end = start + header["payload_bytes"]
