@@ -13,6 +13,16 @@ progressive estimate, or by running the model down from x_t). A file cut at a se
 boundary is a valid file of lower rate; each segment has an 8-bit check in the header, so a
 truncated file decodes up to its last whole segment and anything else corrupt is refused.
 
+With a learned variance (version-4 files) p_θ has one σ per dimension, in the channel and in
+the tail's decoder, and each step's chunks are dealt by the KL that σ predicts (½ log(σ²/β̃) per
+dimension, known to both sides; ``channel.balanced_chunks``). On 100 MNIST test digits with the
+shipped ``mnist`` (1 thread): the complete file 1.4805 → 1.1967 bits/dim against the calibrated
+σ (theoretical rate 1.2783 → 1.0089; tail 0.478 → 0.267); the balanced chunks alone 1.2035 →
+1.1977, 16 index bits / 14 of KL. The channel's price stays ≈ 1.15 coded bits per bit of KL
+(≈ 2 spare bits per chunk, and the pick's drift from q): 20/18 gives 1.1782 at 3.4× the
+encoder's channel time; 16/13, 16/15, and a different KL per chunk for the last steps only
+(12 or 16) all land within 0.004 of 16/14.
+
 All images (tiles) of a file share each step: the network runs on fixed batches of units (part
 of the format, with the thread count: see ``codec.torch_threads``) and the channel codes the
 step's dimensions of all units together.
