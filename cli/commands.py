@@ -610,6 +610,7 @@ def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_boun
     from ddpm_codec.data import load_image, load_source
     from ddpm_codec.diffusion import VarianceType
     from ddpm_codec.eval.bench_codec import bench_images
+    from tqdm import tqdm
 
     if image_files:
         images = [(p.name, load_image(p)) for p in image_files]
@@ -621,7 +622,8 @@ def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_boun
     for K in [int(k) for k in Ks.split(",")]:
         for b in [int(g) for g in grids.split(",")]:
             r = bench_images(lm, images, K, VarianceType(variance) if variance else None, b, batch, not no_bound,
-                             spacing)
+                             spacing, bar=lambda desc, total: tqdm(total=total, desc=f"K={K} b={b} {desc}",
+                                                                   file=sys.stderr, unit="tile"))
             r["model"] = lm.model_id
             click.echo(f"K={K} b={b}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
                        + (f", bound {r['bound_bits_per_dim']:.4f} (×{r['net_over_bound']:.3f})" if "bound_bits_per_dim" in r else "")

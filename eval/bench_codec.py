@@ -1,7 +1,9 @@
 """Codec benchmark (not a test): coded rate against the bound of the same chain, and time."""
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -13,7 +15,17 @@ from ddpm_codec.diffusion import VarianceType
 from ddpm_codec.likelihood import bound_full
 
 
-def network_only_seconds(model: LoadedModel, units: np.ndarray, K: int, sizes: list[int]) -> float:
+class _NoBar(contextlib.nullcontext):
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _no_bar(desc: str, total: int) -> _NoBar:
+    return _NoBar()
+
+
+def network_only_seconds(model: LoadedModel, units: np.ndarray, K: int, sizes: list[int],
+                         progress: Callable[[int], None] | None = None) -> float:
     """The network alone over the same batches and steps the coder runs (random inputs)."""
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
@@ -22,19 +34,26 @@ def network_only_seconds(model: LoadedModel, units: np.ndarray, K: int, sizes: l
             x = torch.randn((size, *units.shape[1:]), generator=gen)
             for k in range(K, 0, -1):
                 model.net(x, torch.full((x.shape[0],), float(k)))
+            if progress:
+                progress(size)
     return time.perf_counter() - t0
 
 
 def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: int,
                  var_type: VarianceType | None, grid_bits: int, batch: int, with_bound: bool = True,
-                 spacing: str | None = None) -> dict:
-    res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing)
+                 spacing: str | None = None, bar: Callable = _no_bar) -> dict:
+    """``bar(desc, total)``: a progress bar (a context manager with ``update(n)``) for each phase,
+    counted in tiles."""
+    units = np.concatenate([to_units(im, model.image_size) for _, im in images])
+    with bar("encode", len(units)) as b:
+        res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing, progress=b.update)
     t0 = time.perf_counter()
-    dec = decode(res.data, model)
+    with bar("decode", len(units)) as b:
+        dec = decode(res.data, model, progress=b.update)
     dec_s = time.perf_counter() - t0
     exact = all(np.array_equal(a, b) for (_, a), (_, b) in zip(images, dec.images))
-    units = np.concatenate([to_units(im, model.image_size) for _, im in images])
-    net_only = network_only_seconds(model, units, K, batch_sizes(len(units), batch))
+    with bar("network alone", len(units)) as b:
+        net_only = network_only_seconds(model, units, K, batch_sizes(len(units), batch), b.update)
     payload_bits = 8 * (len(res.data) - res.header_bytes) - res.initial_bits
     out = {
         "images": len(images), "dims": res.dims, "steps": K, "variance": res.variance, "grid_bits": grid_bits,
