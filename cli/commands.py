@@ -299,13 +299,13 @@ def _png_bytes(arr: np.ndarray) -> bytes:
 
 
 # auto's switch between the lossless coders, in dimensions (pixels × channels). Measured with the
-# shipped mnist model 69d1f75b (K = 100, 1 thread; the learned-variance 9a3905f2 codes the eight
-# digits into 1,323 bytes as a channel file, 2,591 by bits-back): one digit 330–439 bytes as a channel file
-# against 976–1,013 by bits-back (whose initial bits cost ~680 bytes a file), eight digits 1,320
-# against 2,655; with an earlier model one hundred digits 1.692 against 1.690 bits/dim. On photos
-# bits-back is ahead by 256×256 (astronaut crop 4.095 as a channel file, astronaut + coffee 4.080
-# by bits-back, the earlier photos model).
-AUTO_CHANNEL_BELOW = 65_536
+# shipped mnist 9a3905f2 (learned variance, which channel files use since format version 4; K = 100,
+# 1 thread): eight digits 1,106 bytes as a channel file against 2,591 by bits-back (whose initial
+# bits cost ~680 bytes a file); 100 digits 1.197 against 1.291 bits/dim; 200 digits (156,800
+# dimensions) 1.1861 against 1.1856 — the crossing. (Before version 4, with the calibrated σ in
+# the channel, they crossed at about 100 digits.) On photos with an earlier model bits-back was
+# ahead by 256×256 (astronaut crop 4.095 as a channel file, astronaut + coffee 4.080 by bits-back).
+AUTO_CHANNEL_BELOW = 131_072
 
 
 @cli.command()
