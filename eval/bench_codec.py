@@ -45,15 +45,15 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
     """``bar(desc, total)``: a progress bar (a context manager with ``update(n)``) for each phase,
     counted in tiles."""
     units = np.concatenate([to_units(im, model.image_size) for _, im in images])
-    with bar("encode", len(units)) as b:
-        res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing, progress=b.update)
+    with bar("encode", len(units)) as pb:
+        res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing, progress=pb.update)
     t0 = time.perf_counter()
-    with bar("decode", len(units)) as b:
-        dec = decode(res.data, model, progress=b.update)
+    with bar("decode", len(units)) as pb:
+        dec = decode(res.data, model, progress=pb.update)
     dec_s = time.perf_counter() - t0
     exact = all(np.array_equal(a, b) for (_, a), (_, b) in zip(images, dec.images))
-    with bar("network alone", len(units)) as b:
-        net_only = network_only_seconds(model, units, K, batch_sizes(len(units), batch), b.update)
+    with bar("network alone", len(units)) as pb:
+        net_only = network_only_seconds(model, units, K, batch_sizes(len(units), batch), pb.update)
     payload_bits = 8 * (len(res.data) - res.header_bytes) - res.initial_bits
     out = {
         "images": len(images), "dims": res.dims, "steps": K, "variance": res.variance, "grid_bits": grid_bits,
