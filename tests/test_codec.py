@@ -187,8 +187,8 @@ def test_cli_round_trip_and_bad_input(tiny_checkpoint, tmp_path):
 def test_batch_ramp_pays_initial_bits_for_a_small_batch_only(model):
     from ddpm_codec.codec import batch_sizes
 
-    sizes = batch_sizes(1000, 100)
-    assert sum(sizes) == 1000 and sizes[0] == 1 and max(sizes) == 100
+    sizes = batch_sizes(2000, 100)
+    assert sum(sizes) == 2000 and sizes[0] == 1 and max(sizes) == 100
     assert all(b >= a for a, b in zip(sizes, sizes[1:-1]))
     imgs = [(f"{i}", im) for i, im in enumerate(tiny_images(40, seed=11))]
     ramp = encode_lossless(imgs, model, steps=5, batch=16)
