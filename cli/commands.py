@@ -299,13 +299,14 @@ def _png_bytes(arr: np.ndarray) -> bytes:
 
 
 # auto's switch between the lossless coders, in dimensions (pixels × channels). Measured with the
-# shipped mnist 9a3905f2 (learned variance, which channel files use since format version 4; K = 100,
-# 1 thread): eight digits 1,106 bytes as a channel file against 2,591 by bits-back (whose initial
-# bits cost ~680 bytes a file); 100 digits 1.197 against 1.291 bits/dim; 200 digits (156,800
-# dimensions) 1.1861 against 1.1856 — the crossing. (Before version 4, with the calibrated σ in
-# the channel, they crossed at about 100 digits.) On photos with an earlier model bits-back was
-# ahead by 256×256 (astronaut crop 4.095 as a channel file, astronaut + coffee 4.080 by bits-back).
-AUTO_CHANNEL_BELOW = 131_072
+# shipped mnist 9a3905f2 (learned variance; K = 100, 1 thread), bits-back at grid b = 1 with the
+# ⌊1.1^i⌋ batch ramp against the channel file: 25 digits 1.486 (b = 0; b = 1 1.511) against 1.329
+# bits/dim; 50 digits 1.227 against 1.2035; 75 digits (58,800 dimensions) 1.1755 against 1.209;
+# 100 digits 1.139 against 1.197 — the crossing near 60 digits. (With b = 0 and the previous
+# ramp, bits-back took 1.291 on 100 digits and the crossing was at 200.) On photos with
+# an earlier model bits-back was ahead by 256×256 (astronaut crop 4.095 as a channel file,
+# astronaut + coffee 4.080 by bits-back).
+AUTO_CHANNEL_BELOW = 49_152
 
 
 @cli.command()
