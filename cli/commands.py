@@ -321,7 +321,8 @@ AUTO_CHANNEL_BELOW = 49_152
                    "model has a calibration, else beta_tilde). Lossy files of a learned model use its σ per "
                    "pixel too (format version 4).")
 @click.option("--grid-bits", type=click.IntRange(0, 8), default=None,
-              help="Latent grid δ_t = √β_t / 2^b (default 1; 0 for cosine-schedule models such as mnist).")
+              help="Bits-back: latent grid δ_t = √β_t / 2^b (default 1; finer fits the bound closer but "
+                   "borrows more initial bits).")
 @click.option("--spacing", type=click.Choice(["optimal", "even"]), default=None,
               help="Which K steps: optimal (least expected bound, from the model's calibration; the default "
                    "for calibrated models) or evenly spaced.")
