@@ -29,7 +29,7 @@ from .schedule import schedule_from_spec
 
 SEED_WORDS_RNG = 0x5EED  # the stack's initial words: a fixed PCG64 stream both sides know
 DEFAULT_STEPS = 100
-DEFAULT_GRID_BITS = 1  # shipped models, 1000 test images, K = 100: b = 1 / 0 net 1.0385 / 1.0855 (MNIST), 2.890 / 2.932 (Fashion); b = 2 1.0360 (MNIST) but 0.22 bits/dim of initial bits
+DEFAULT_GRID_BITS = 1  # shipped models, 1000 test images, K = 100: b = 1 / 0 net 1.0385 / 1.0855 (MNIST), 2.890 / 2.932 (Fashion); b = 2 1.0360 (MNIST) but 0.22 bits/dim of initial bits with the ramp of before
 DEFAULT_BATCH = 100
 
 
