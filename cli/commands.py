@@ -1,6 +1,7 @@
 """Subcommands of `ddpm-codec` (thin: parse, call the library, print)."""
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -346,11 +347,15 @@ AUTO_CHANNEL_BELOW = 49_152
                    "file: best for many images) or the progressive channel file run to its exact end (no "
                    f"initial bits: best for a few small ones). auto: channel below {AUTO_CHANNEL_BELOW:,} "
                    "dimensions, and when no --grid-bits is given.")
+@click.option("--tile", type=click.IntRange(min=1), default=None,
+              help="Bits-back: the side of the units a larger image is cut into (default: the model's image "
+                   "size). The network is fully convolutional: a multiple of its size lets it see across the "
+                   "edges smaller tiles cut (format version 5).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
 def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, rate, stop_step, index_bits,
-           kl_per_chunk, method, force, as_json):
+           kl_per_chunk, method, tile, force, as_json):
     """Compress images into one .ddpm file: lossless or, with --lossy, progressive.
 
     Lossless files are exact either way; --method says how (bits-back ANS, or
@@ -367,7 +372,7 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
     from tqdm import tqdm
 
     from ddpm_codec import checkpoint
-    from ddpm_codec.codec import DEFAULT_STEPS, count_tiles, encode_lossless
+    from ddpm_codec.codec import DEFAULT_STEPS, check_tile, count_tiles, encode_lossless
     from ddpm_codec.data import load_image
     from ddpm_codec.diffusion import VarianceType
 
@@ -398,15 +403,22 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
     dims = sum(im.size for _, im in loaded)
     if method == "channel" and grid_bits is not None:
         raise InputError("--grid-bits is bits-back's latent grid; the channel method has none")
+    if tile is not None:
+        if lossy or method == "channel":
+            raise InputError("--tile is for bits-back files; lossy and channel files use the model's size")
+        try:
+            check_tile(tile, lm)
+        except ValueError as e:
+            raise InputError(f"--{e}") from None
     if method == "auto":
-        method = "channel" if dims < AUTO_CHANNEL_BELOW and grid_bits is None else "bits-back"
+        method = "channel" if dims < AUTO_CHANNEL_BELOW and grid_bits is None and tile is None else "bits-back"
     if lossy or method == "channel":
         return _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bits, kl_per_chunk,
                              force, as_json, spacing)
-    n_units = count_tiles([im.shape[:2] for _, im in loaded], lm.image_size)
+    n_units = count_tiles([im.shape[:2] for _, im in loaded], tile or lm.image_size)
     with tqdm(total=n_units, file=sys.stderr, unit="tile", disable=as_json and n_units < 2) as bar:
         res = encode_lossless(loaded, lm, K or DEFAULT_STEPS, VarianceType(variance) if variance else None,
-                              grid_bits, batch or 100, progress=bar.update, spacing=spacing)
+                              grid_bits, batch or 100, progress=bar.update, spacing=spacing, tile=tile)
     _write_atomic(out, res.data, force)
     summary = {"file": str(out), "bytes": len(res.data), "bits_per_dim": res.bits_per_dim, "mode": "lossless",
                "method": "bits-back", "initial_bits": res.initial_bits, "dims": res.dims, "images": len(loaded), "steps": K or DEFAULT_STEPS,
@@ -606,8 +618,10 @@ def info(file, model, as_json):
               help="Which K steps (default: optimal for calibrated models).")
 @click.option("--no-network-alone", is_flag=True,
               help="Skip timing the network by itself (a third of the run's time).")
+@click.option("--tile", "tiles", default=None,
+              help="Comma-separated tile sides to measure (as encode --tile; default: the model's size).")
 @user_errors
-def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_bound, spacing, no_network_alone):
+def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_bound, spacing, no_network_alone, tiles):
     """Coded bits/dim against the bound of the same K-step chain, initial bits, and time
     (encode and decode, network and coder apart, and the network alone). JSON lines."""
     from ddpm_codec import checkpoint
@@ -623,20 +637,20 @@ def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_boun
         lm = checkpoint.resolve(model, 1 if data.split(":")[0] in ("mnist", "fashion-mnist") else 3)
         src = load_source(data, "test", crop=lm.image_size, channels=lm.channels)
         images = [(f"{i}.png", im) for i, im in enumerate(src.take(n))]
-    for K in [int(k) for k in Ks.split(",")]:
-        for b in [int(g) for g in grids.split(",")]:
-            r = bench_images(lm, images, K, VarianceType(variance) if variance else None, b, batch, not no_bound,
-                             spacing, bar=lambda desc, total: tqdm(total=total, desc=f"K={K} b={b} {desc}",
-                                                                   file=sys.stderr, unit="tile"),
-                             network_alone=not no_network_alone)
-            r["model"] = lm.model_id
-            click.echo(f"K={K} b={b}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
-                       + (f", bound {r['bound_bits_per_dim']:.4f} (×{r['net_over_bound']:.3f})" if "bound_bits_per_dim" in r else "")
-                       + f", initial {r['initial_bits_per_dim']:.3f} bpd, encode {r['encode_s']:.1f}s"
-                       + (f" (network alone {r['network_only_s']:.1f}s)" if r["network_only_s"] else "")
-                       + f", decode {r['decode_s']:.1f}s, exact {r['exact']}",
-                       err=True)
-            emit_json(r)
+    for K, b, tile in itertools.product([int(k) for k in Ks.split(",")], [int(g) for g in grids.split(",")],
+                                        [int(s) for s in tiles.split(",")] if tiles else [lm.image_size]):
+        r = bench_images(lm, images, K, VarianceType(variance) if variance else None, b, batch, not no_bound,
+                         spacing, bar=lambda desc, total: tqdm(total=total, desc=f"K={K} b={b} {desc}",
+                                                               file=sys.stderr, unit="tile"),
+                         network_alone=not no_network_alone, tile=tile)
+        r["model"] = lm.model_id
+        click.echo(f"K={K} b={b} tile {tile}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
+                   + (f", bound {r['bound_bits_per_dim']:.4f} (×{r['net_over_bound']:.3f})" if "bound_bits_per_dim" in r else "")
+                   + f", initial {r['initial_bits_per_dim']:.3f} bpd, encode {r['encode_s']:.1f}s"
+                   + (f" (network alone {r['network_only_s']:.1f}s)" if r["network_only_s"] else "")
+                   + f", decode {r['decode_s']:.1f}s, exact {r['exact']}",
+                   err=True)
+        emit_json(r)
 
 
 @bench.command("fuzz")

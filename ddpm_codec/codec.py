@@ -2,7 +2,10 @@
 
 Images become units of the model's size (an image of that size is one unit; a
 larger one is cut into tiles, edge tiles padded by repeating the last row and
-column; padded pixels are coded but not counted). Units are coded in batches
+column; padded pixels are coded but not counted). The network is fully
+convolutional, so tiles may be larger than the images it was trained on
+(``tile``; format version 5): a 64×64 unit lets the network see across the edges
+that 32×32 tiles cut. Units are coded in batches
 chained on one ANS stack (``coding.bitsback``), so the initial bits are paid once
 per file.
 """
@@ -22,7 +25,7 @@ import torch
 from . import __version__
 from .checkpoint import LoadedModel
 from .coding.bitsback import ChainCoder
-from .coding.container import Container, FormatError, pack_names, unpack_names
+from .coding.container import LOSSLESS_TILED_VERSION, LOSSLESS_VERSION, Container, FormatError, pack_names, unpack_names
 from .coding.entropy import Stack
 from .diffusion import VarianceType
 from .schedule import schedule_from_spec
@@ -79,6 +82,22 @@ def pixels_digest(images: list[np.ndarray]) -> str:
         h.update(str(im.shape).encode())
         h.update(np.ascontiguousarray(im, dtype=np.uint8).tobytes())
     return h.hexdigest()
+
+
+MAX_TILE = 512  # a reader refuses larger tiles (one unit's activations grow with its area)
+
+
+def tile_multiple(model: LoadedModel) -> int:
+    """Tile sizes the model's U-Net takes: multiples of 2^(levels − 1) (each level halves the size)."""
+    return 1 << (len(model.config.channel_mult) - 1)
+
+
+def check_tile(tile: int, model: LoadedModel) -> int:
+    """``tile`` if the model can code units of tile × tile, else ValueError with one line."""
+    m = tile_multiple(model)
+    if not m <= tile <= MAX_TILE or tile % m:
+        raise ValueError(f"tile {tile}: the model takes tiles that are multiples of {m}, up to {MAX_TILE}")
+    return tile
 
 
 def tile_layout(h: int, w: int, size: int) -> tuple[int, int]:
@@ -170,16 +189,18 @@ def encode_lossless(
     progress: Callable[[int], None] | None = None,
     first_batch: int = 1,
     spacing: str | None = None,
+    tile: int | None = None,
 ) -> EncodeResult:
     """Encode named uint8 images [H, W, C] (C = the model's channels) into one .ddpm file.
     ``var_type`` None: the calibrated variance if the model has it, else β̃. ``spacing``: of the
-    K steps (``LoadedModel.chain``; default optimal for a calibrated model)."""
+    K steps (``LoadedModel.chain``; default optimal for a calibrated model). ``tile``: the units'
+    side (default: the model's image size; another size writes format version 5)."""
     t0 = time.perf_counter()
     if var_type is None:
         var_type = model.default_variance()
     if grid_bits is None:
         grid_bits = DEFAULT_GRID_BITS
-    size, C = model.image_size, model.channels
+    size, C = check_tile(tile or model.image_size, model), model.channels
     for name, im in images:
         if im.ndim != 3 or im.shape[2] != C or im.dtype != np.uint8:
             raise ValueError(f"{name}: {im.shape[-1] if im.ndim == 3 else '?'}-channel image, the model takes {C}")
@@ -226,7 +247,8 @@ def encode_lossless(
         "seed_words": {"count": n_seed, "dropped": dropped},
         "pixels_sha256": pixels_digest([im for _, im in images]),
     }
-    data = Container(header, payload).to_bytes()
+    version = LOSSLESS_VERSION if size == model.image_size else LOSSLESS_TILED_VERSION
+    data = Container(header, payload, version).to_bytes()
     dims = sum(im.size for _, im in images)
     return EncodeResult(data=data, dims=dims, initial_bits=32 * (n_seed - dropped),
                         seconds=time.perf_counter() - t0, net_seconds=timed.seconds,
@@ -249,7 +271,7 @@ def info(data: bytes, model: LoadedModel | None = None) -> dict:
             "steps": header_steps(h["schedule"], model), "K": h["schedule"].get("K"),
             "spacing": h["schedule"].get("spacing", "listed"),
             "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
-            "variance": h["variance"], "grid_bits": h["grid_bits"], "bytes": len(data),
+            "variance": h["variance"], "grid_bits": h["grid_bits"], "tile": h["tile"], "bytes": len(data),
             "payload_words": h["payload_words"], "initial_bits": 32 * (h["seed_words"]["count"] -
                                                                          h["seed_words"]["dropped"])}
 
@@ -265,8 +287,11 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         if h["model"] != model.model_id:
             raise DecodeError(f"the file was made with model {h['model']}, not {model.model_id}")
         size, C = int(h["tile"]), int(h["channels"])
-        if size != model.image_size or C != model.channels:
+        if C != model.channels:
             raise DecodeError("the file's tile shape does not fit the model")
+        if (size != model.image_size) != (c.version == LOSSLESS_TILED_VERSION):
+            raise FormatError(f"header: tile {size} in a version-{c.version} file")
+        check_tile(size, model)
         sched = model.chain_from_spec(h["schedule"])
         coder = ChainCoder(model.net, sched, model.variance(sched, VarianceType(h["variance"])), int(h["grid_bits"]))
         shapes = [(int(a), int(b)) for a, b in h["shapes"]]

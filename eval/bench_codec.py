@@ -41,13 +41,16 @@ def network_only_seconds(model: LoadedModel, units: np.ndarray, K: int, sizes: l
 
 def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: int,
                  var_type: VarianceType | None, grid_bits: int, batch: int, with_bound: bool = True,
-                 spacing: str | None = None, bar: Callable = _no_bar, network_alone: bool = True) -> dict:
+                 spacing: str | None = None, bar: Callable = _no_bar, network_alone: bool = True,
+                 tile: int | None = None) -> dict:
     """``bar(desc, total)``: a progress bar (a context manager with ``update(n)``) for each phase,
     counted in tiles. ``network_alone=False`` skips timing the network by itself (a third of the
-    run's time); its keys are then None."""
-    units = np.concatenate([to_units(im, model.image_size) for _, im in images])
+    run's time); its keys are then None. ``tile``: as ``encode_lossless``'s."""
+    tile = tile or model.image_size
+    units = np.concatenate([to_units(im, tile) for _, im in images])
     with bar("encode", len(units)) as pb:
-        res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing, progress=pb.update)
+        res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing, progress=pb.update,
+                              tile=tile)
     t0 = time.perf_counter()
     with bar("decode", len(units)) as pb:
         dec = decode(res.data, model, progress=pb.update)
@@ -59,7 +62,7 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
             net_only = network_only_seconds(model, units, K, batch_sizes(len(units), batch), pb.update)
     payload_bits = 8 * (len(res.data) - res.header_bytes) - res.initial_bits
     out = {
-        "images": len(images), "dims": res.dims, "steps": K, "variance": res.variance, "grid_bits": grid_bits,
+        "images": len(images), "dims": res.dims, "steps": K, "tile": tile, "variance": res.variance, "grid_bits": grid_bits,
         "spacing": spacing or ("optimal" if model.x0_mse is not None else "even"),
         "batch": batch, "bytes": len(res.data), "bits_per_dim": res.bits_per_dim,
         "initial_bits": res.initial_bits, "initial_bits_per_dim": res.initial_bits / res.dims,

@@ -11,7 +11,7 @@ from PIL import Image
 from ddpm_codec import checkpoint
 from ddpm_codec.cli.main import cli
 from ddpm_codec.codec import DecodeError, decode, encode_lossless, from_units, info, to_units
-from ddpm_codec.coding.container import FormatError
+from ddpm_codec.coding.container import LOSSLESS_TILED_VERSION, VERSION, Container, FormatError
 from ddpm_codec.diffusion import VarianceType
 from conftest import tiny_images
 
@@ -99,6 +99,41 @@ def test_decoder_in_another_process_with_other_threads(calibrated, tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / name))[..., None], im)
 
 
+def test_tiles_larger_than_the_model_round_trip(model, tiny_checkpoint, tmp_path):
+    """The U-Net is fully convolutional: a file may cut images into units of another multiple of
+    its size (format version 5); the decoder reads the tile from the header."""
+    rng = np.random.default_rng(4)
+    size = model.image_size
+    imgs = [("big.png", rng.integers(0, 256, (2 * size + 3, 3 * size - 1, 1), dtype=np.uint8)),
+            ("small.png", tiny_images(1, seed=5)[0])]
+    res = encode_lossless(imgs, model, steps=5, tile=2 * size)
+    assert res.data[4] == LOSSLESS_TILED_VERSION and info(res.data)["tile"] == 2 * size
+    out = decode(res.data, model)
+    for (_, a), (_, b) in zip(imgs, out.images):
+        np.testing.assert_array_equal(a, b)
+    plain = encode_lossless(imgs, model, steps=5)
+    assert plain.data[4] == 1 and info(plain.data)["tile"] == size
+    assert len(res.data) != len(plain.data)  # other units, another chain: not the same file
+    with pytest.raises(ValueError, match="multiples of"):
+        encode_lossless(imgs, model, steps=5, tile=size + 1)
+    # a version-1 file claiming other tiles, or a version-5 file at the model's size, is refused
+    c = Container.from_bytes(plain.data)
+    c.header.pop("_version")
+    with pytest.raises(FormatError, match="tile"):
+        decode(Container(c.header, c.payload, LOSSLESS_TILED_VERSION).to_bytes(), model)
+    p = tmp_path / "big.png"
+    Image.fromarray(imgs[0][1][..., 0]).save(p)
+    r = run(["encode", str(p), "-o", str(tmp_path / "b.ddpm"), "--model", str(tiny_checkpoint), "--steps", "5",
+             "--tile", str(size + 1)])
+    assert r.exit_code != 0 and "multiples of" in r.output
+    r = run(["encode", str(p), "-o", str(tmp_path / "b.ddpm"), "--model", str(tiny_checkpoint), "--steps", "5",
+             "--tile", str(2 * size)])
+    assert r.exit_code == 0, r.output
+    r = run(["decode", str(tmp_path / "b.ddpm"), "-o", str(tmp_path / "r.png"), "--model", str(tiny_checkpoint)])
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "r.png")), imgs[0][1][..., 0])
+
+
 def test_corrupt_files_are_refused(model):
     res = encode_lossless([("a.png", tiny_images(1)[0])], model, steps=5)
     data = res.data
@@ -107,7 +142,7 @@ def test_corrupt_files_are_refused(model):
     with pytest.raises(FormatError, match="magic"):
         decode(b"GIF89a" + data[6:], model)
     with pytest.raises(FormatError, match="version"):
-        decode(data[:4] + (5).to_bytes(2, "little") + data[6:], model)
+        decode(data[:4] + (VERSION + 1).to_bytes(2, "little") + data[6:], model)
     with pytest.raises(FormatError, match="truncated"):
         decode(data[:-9], model)
     with pytest.raises(FormatError, match="checksum"):

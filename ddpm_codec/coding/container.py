@@ -21,6 +21,9 @@ holds each step's chunk count as its difference from a prediction made from the 
 (``lossy.ChunkCounts``; key ``chunks_vs_expected`` instead of ``chunks``), its segment checks in
 base64 (hex in 2), and is compressed with a preset dictionary (``HEADER_DICT``). Writers use the
 lowest version that can express the file, so lossless files stay readable by version-1 readers.
+5 is the lossless file of version 1 whose tiles (header key "tile") differ from the model's image
+size: the network is fully convolutional, so a model trained on 32×32 crops can code 64×64
+units, which see across the edges that 32×32 tiles cut (``codec.encode_lossless``'s ``tile``).
 """
 from __future__ import annotations
 
@@ -33,8 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DDPM"
-VERSION = 4  # the highest version this reader knows
+VERSION = 5  # the highest version this reader knows
 LOSSLESS_VERSION = 1
+LOSSLESS_TILED_VERSION = 5  # as 1, with tiles of a size other than the model's
+LOSSLESS_VERSIONS = (LOSSLESS_VERSION, LOSSLESS_TILED_VERSION)
 LOSSY_VERSION = 2  # chunk counts listed
 LOSSY_PREDICTED_VERSION = 3  # chunk counts as differences from the model's prediction
 LOSSY_LEARNED_VERSION = 4  # as 3, with the learned variance: σ per dimension, chunks balanced by predicted KL
@@ -70,11 +75,14 @@ class FormatError(ValueError):
 class Container:
     header: dict
     payload: np.ndarray  # uint32 words
+    version: int = LOSSLESS_VERSION
 
     def to_bytes(self) -> bytes:
+        if self.version not in LOSSLESS_VERSIONS:
+            raise ValueError(f"lossless files are versions {LOSSLESS_VERSIONS}, not {self.version}")
         header = dict(self.header, payload_words=int(self.payload.size))
         hbytes = zlib.compress(json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8"), 9)
-        head = _FIXED.pack(MAGIC, LOSSLESS_VERSION, len(hbytes)) + hbytes
+        head = _FIXED.pack(MAGIC, self.version, len(hbytes)) + hbytes
         body = self.payload.astype("<u4").tobytes()
         return b"".join([head, struct.pack("<I", zlib.crc32(head)), body, struct.pack("<I", zlib.crc32(body))])
 
@@ -96,7 +104,7 @@ class Container:
         if zlib.crc32(body) != crc:
             raise FormatError("payload checksum mismatch: the file is corrupt")
         header.pop("_header_len")
-        return cls(header, np.frombuffer(body, dtype="<u4").astype(np.uint32))
+        return cls(header, np.frombuffer(body, dtype="<u4").astype(np.uint32), header["_version"])
 
 
 def read_header(data: bytes) -> dict:
@@ -122,7 +130,7 @@ def read_header(data: bytes) -> dict:
         header = json.loads(raw.decode("utf-8"))
     except (zlib.error, UnicodeDecodeError, json.JSONDecodeError):
         raise FormatError("unreadable header") from None
-    key = "payload_words" if version == LOSSLESS_VERSION else "payload_bytes"
+    key = "payload_words" if version in LOSSLESS_VERSIONS else "payload_bytes"
     if not isinstance(header, dict) or not isinstance(header.get(key), int) or header[key] < 0:
         raise FormatError("header lacks the payload length")
     header["_header_len"] = hlen
