@@ -600,7 +600,7 @@ def info(file, model, as_json):
         n_steps = i["K"] or len(i["steps"] or [])
         click.echo(f"{file}: .ddpm version {i['format_version']}, {i['mode']}, model {i['model']}, "
                    f"{len(i['images'])} image(s), {n_steps} steps ({i['spacing']}, {i['schedule']}, T = {i['T']}), "
-                   f"σ² {i['variance']}, {i['bytes']} bytes (initial bits {i['initial_bits']})")
+                   f"σ² {i['variance']}, tiles {i['tile']}×{i['tile']}, {i['bytes']} bytes (initial bits {i['initial_bits']})")
 
 
 @bench.command("codec")

@@ -80,8 +80,11 @@ def train(
                 raise checkpoint.CheckpointError(
                     f"--init {cfg.init} has no calibration to build bound sampling from (ddpm-codec calibrate)")
             t_calibration = {"x0_mse": list(src["calibration"]["x0_mse"])}
-        src_cfg = {k: v for k, v in src["net_config"].items() if k != "learn_sigma"}
-        own_cfg = {k: v for k, v in net_config.to_dict().items() if k != "learn_sigma"}
+        # the U-Net is fully convolutional: its weights fit any image size (a model of 32×32 crops
+        # can go on with 64×64 ones, --crop); the rest of the network must match
+        free = ("learn_sigma", "image_size")
+        src_cfg = {k: v for k, v in src["net_config"].items() if k not in free}
+        own_cfg = {k: v for k, v in net_config.to_dict().items() if k not in free}
         if src_cfg != own_cfg or src["schedule"] != sched.spec():
             raise checkpoint.CheckpointError(
                 f"--init {cfg.init}: its network or schedule differs from this run's (same --size, --schedule, --T)")

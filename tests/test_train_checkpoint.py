@@ -1,5 +1,7 @@
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,6 +82,16 @@ def test_init_starts_from_another_runs_weights(tmp_path, tiny_checkpoint):
     with pytest.raises(checkpoint.CheckpointError, match="differs"):
         train(TrainConfig(**lr0, init=str(tiny_checkpoint)), TINY, make_schedule(ScheduleKind.COSINE, 100), src,
               tmp_path / "h.pt", progress=False)
+    # the U-Net is fully convolutional: a run on larger images may start from it (other widths may not)
+    big = ArraySource("big", np.kron(tiny_images(seed=5), np.ones((1, 2, 2, 1), dtype=np.uint8)))
+    train(TrainConfig(**{**lr0, "data": "big"}, init=str(tiny_checkpoint)), replace(TINY, image_size=16), sched, big,
+          tmp_path / "b.pt", progress=False)
+    b = checkpoint.read(tmp_path / "b.pt")
+    assert b["net_config"]["image_size"] == 16 and all(
+        torch.allclose(b["raw"][n], base["ema"][n], atol=1e-6) for n in base["ema"])
+    with pytest.raises(checkpoint.CheckpointError, match="differs"):
+        train(TrainConfig(**lr0, init=str(tiny_checkpoint)), replace(TINY, base_channels=16), sched, src,
+              tmp_path / "w.pt", progress=False)
 
 
 def test_bad_checkpoints(tmp_path):
