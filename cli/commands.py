@@ -134,6 +134,17 @@ def _check_writable(out: Path, force: bool) -> None:
         raise InputError(f"{out.parent} does not exist")
 
 
+def _nll_tile(tile: int | None, lm) -> int:
+    from ddpm_codec.codec import check_tile
+
+    if tile is None:
+        return lm.image_size
+    try:
+        return check_tile(tile, lm)
+    except ValueError as e:
+        raise InputError(f"--{e}") from None
+
+
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", default=None, help="Shipped model name or checkpoint path (default: by channels).")
@@ -154,9 +165,12 @@ def _check_writable(out: Path, force: bool) -> None:
                    "for calibrated models) or evenly spaced.")
 @click.option("--batch", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tile", type=click.IntRange(min=1), default=None,
+              help="Units of TILE × TILE (as encode --tile): crops of that size from a photo source, or image "
+                   "files cut into tiles (their sides multiples of TILE). Default: the model's size.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
-def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, as_json):
+def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, tile, as_json):
     """Bits/dim of images through the variational bound L_T + Σ L_{t-1} + L_0.
 
     INPUTS are image files, or one data source (mnist:test, fashion-mnist:test,
@@ -168,6 +182,7 @@ def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, as
     import torch
 
     from ddpm_codec import checkpoint
+    from ddpm_codec.codec import to_units
     from ddpm_codec.data import DataError, load_image, load_source
     from ddpm_codec.diffusion import VarianceType
     from ddpm_codec.eval.nll import BoundMethod, dataset_nll
@@ -175,9 +190,14 @@ def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, as
     if all(_is_image_path(s) for s in inputs):
         imgs = [load_image(s) for s in inputs]
         channels = imgs[0].shape[-1]
+        lm = checkpoint.resolve(model, channels)
+        size = _nll_tile(tile, lm)
+        if tile is not None:
+            if any(im.shape[0] % size or im.shape[1] % size or im.shape[2] != channels for im in imgs):
+                raise InputError(f"--tile {size}: give images of one channel count whose sides are multiples of it")
+            imgs = [u.transpose(1, 2, 0) for im in imgs for u in to_units(im, size)]
         if any(im.shape != imgs[0].shape for im in imgs):
             raise InputError("images of different shapes; give images of one shape")
-        lm = checkpoint.resolve(model, channels)
         images = np.stack(imgs)
         if n:
             images = images[:n]
@@ -185,14 +205,15 @@ def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, as
         src_spec = inputs[0]
         channels = 1 if src_spec.split(":")[0] in ("mnist", "fashion-mnist") else 3
         lm = checkpoint.resolve(model, channels)
-        src = load_source(src_spec, "test", crop=lm.image_size, channels=lm.channels)
+        size = _nll_tile(tile, lm)
+        src = load_source(src_spec, "test", crop=size, channels=lm.channels)
         images = src.take(n or None, np.random.default_rng(seed))
     else:
         raise InputError("give image files, or one data source")
-    if images.shape[1:] != (lm.image_size, lm.image_size, lm.channels):
+    if images.shape[1:] != (size, size, lm.channels):
         h, w, c = images.shape[1:]
         raise InputError(f"images are {h}×{w}×{c} but model {lm.path.name} takes "
-                         f"{lm.image_size}×{lm.image_size}×{lm.channels}")
+                         f"{size}×{size}×{lm.channels}" + ("" if tile else " (or other tiles: --tile)"))
     sched = lm.chain(K, spacing)
     var = VarianceType(variance) if variance else lm.default_variance()
     try:

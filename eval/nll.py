@@ -39,6 +39,14 @@ class NllResult:
         return asdict(self)
 
 
+def _takes(model: LoadedModel, size: int, check) -> bool:
+    try:
+        check(size, model)
+    except ValueError:
+        return False
+    return True
+
+
 def dataset_nll(
     model: LoadedModel,
     images: np.ndarray,
@@ -50,9 +58,14 @@ def dataset_nll(
     samples: int = 1,
     progress: bool = True,
 ) -> NllResult:
-    """The bound of the K-step chain ``sched`` on uint8 images [N, H, W, C], in bits/dim."""
-    if images.shape[1:3] != (model.image_size, model.image_size) or images.shape[3] != model.channels:
-        raise ValueError(f"images are {images.shape[1:]} but the model takes "
+    """The bound of the K-step chain ``sched`` on uint8 images [N, H, W, C], in bits/dim. H = W is
+    the model's image size or another tile size it takes (``codec.check_tile``: the network is
+    fully convolutional)."""
+    from ddpm_codec.codec import check_tile
+
+    h, w, c = images.shape[1:]
+    if h != w or c != model.channels or (h != model.image_size and not _takes(model, h, check_tile)):
+        raise ValueError(f"images are {h}×{w}×{c} but the model takes "
                          f"{model.image_size}×{model.image_size}×{model.channels}")
     variance = model.variance(sched, var_type)
     n = len(images)

@@ -42,6 +42,24 @@ def test_nll_json(tiny_checkpoint, digit_files):
     assert json.loads(r.stdout)["steps"] == 10
 
 
+def test_nll_of_tiles(tiny_checkpoint, tmp_path):
+    """--tile: image files cut into units of that size (the network is fully convolutional); the
+    bound of 8×8 tiles is the mean of the tiles' bounds, whatever the files."""
+    big = np.concatenate([np.concatenate(list(tiny_images(2, seed=s)), 1) for s in (6, 7)], 0)  # 16×16
+    Image.fromarray(big[..., 0]).save(tmp_path / "big.png")
+    for i, u in enumerate([big[:8, :8], big[:8, 8:], big[8:, :8], big[8:, 8:]]):
+        Image.fromarray(u[..., 0]).save(tmp_path / f"t{i}.png")
+    m = ["--model", str(tiny_checkpoint), "--steps", "10", "--json"]
+    tiled = json.loads(run(["nll", str(tmp_path / "big.png"), "--tile", "8", *m]).stdout)
+    parts = json.loads(run(["nll", *[str(tmp_path / f"t{i}.png") for i in range(4)], *m]).stdout)
+    assert tiled["n"] == 4 and tiled["bits_per_dim"] == pytest.approx(parts["bits_per_dim"], rel=1e-9)
+    whole = json.loads(run(["nll", str(tmp_path / "big.png"), "--tile", "16", *m]).stdout)
+    assert whole["n"] == 1 and 0 < whole["bits_per_dim"] < float("inf")  # a barely trained model: no better bound
+    for tile in ("7", "12"):  # not a multiple of the model's 2, or not a divisor of the sides
+        r = run(["nll", str(tmp_path / "big.png"), "--tile", tile, *m])
+        assert r.exit_code == 2 and "--tile" in r.stderr, r.output
+
+
 def test_nll_bad_inputs_exit_2(tiny_checkpoint, tmp_path):
     Image.fromarray(np.zeros((9, 9), np.uint8)).save(tmp_path / "big.png")
     (tmp_path / "x.png").write_bytes(b"no")
