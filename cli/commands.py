@@ -393,7 +393,7 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
     from tqdm import tqdm
 
     from ddpm_codec import checkpoint
-    from ddpm_codec.codec import DEFAULT_STEPS, check_tile, count_tiles, encode_lossless
+    from ddpm_codec.codec import DEFAULT_STEPS, check_tile, count_tiles, encode_lossless, unit_size
     from ddpm_codec.data import load_image
     from ddpm_codec.diffusion import VarianceType
 
@@ -436,7 +436,8 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
     if lossy or method == "channel":
         return _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bits, kl_per_chunk,
                              force, as_json, spacing)
-    n_units = count_tiles([im.shape[:2] for _, im in loaded], tile or lm.image_size)
+    shapes = [im.shape[:2] for _, im in loaded]
+    n_units = count_tiles(shapes, unit_size(lm, shapes, tile))
     with tqdm(total=n_units, file=sys.stderr, unit="tile", disable=as_json and n_units < 2) as bar:
         res = encode_lossless(loaded, lm, K or DEFAULT_STEPS, VarianceType(variance) if variance else None,
                               grid_bits, batch or 100, progress=bar.update, spacing=spacing, tile=tile)
@@ -659,13 +660,13 @@ def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_boun
         src = load_source(data, "test", crop=lm.image_size, channels=lm.channels)
         images = [(f"{i}.png", im) for i, im in enumerate(src.take(n))]
     for K, b, tile in itertools.product([int(k) for k in Ks.split(",")], [int(g) for g in grids.split(",")],
-                                        [int(s) for s in tiles.split(",")] if tiles else [lm.image_size]):
+                                        [int(s) for s in tiles.split(",")] if tiles else [None]):
         r = bench_images(lm, images, K, VarianceType(variance) if variance else None, b, batch, not no_bound,
                          spacing, bar=lambda desc, total: tqdm(total=total, desc=f"K={K} b={b} {desc}",
                                                                file=sys.stderr, unit="tile"),
                          network_alone=not no_network_alone, tile=tile)
         r["model"] = lm.model_id
-        click.echo(f"K={K} b={b} tile {tile}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
+        click.echo(f"K={K} b={b} tile {r['tile']}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
                    + (f", bound {r['bound_bits_per_dim']:.4f} (×{r['net_over_bound']:.3f})" if "bound_bits_per_dim" in r else "")
                    + f", initial {r['initial_bits_per_dim']:.3f} bpd, encode {r['encode_s']:.1f}s"
                    + (f" (network alone {r['network_only_s']:.1f}s)" if r["network_only_s"] else "")

@@ -100,6 +100,20 @@ def check_tile(tile: int, model: LoadedModel) -> int:
     return tile
 
 
+def unit_size(model: LoadedModel, shapes: list[tuple[int, int]], tile: int | None = None) -> int:
+    """The side of the units images of these (height, width)s are cut into: ``tile`` if given, else
+    the model's image size — or, when every image fits in one unit of it, the smallest size the
+    network takes that holds the largest side (a 32×32 image is one 32×32 unit for a 64×64 model,
+    not a 64×64 unit of which three quarters are padding)."""
+    if tile is not None:
+        return check_tile(tile, model)
+    size, side = model.image_size, max(max(int(h), int(w)) for h, w in shapes)
+    if side >= size:
+        return size
+    m = tile_multiple(model)
+    return max(m, -(-side // m) * m)
+
+
 def tile_layout(h: int, w: int, size: int) -> tuple[int, int]:
     return math.ceil(h / size), math.ceil(w / size)
 
@@ -194,16 +208,17 @@ def encode_lossless(
     """Encode named uint8 images [H, W, C] (C = the model's channels) into one .ddpm file.
     ``var_type`` None: the calibrated variance if the model has it, else β̃. ``spacing``: of the
     K steps (``LoadedModel.chain``; default optimal for a calibrated model). ``tile``: the units'
-    side (default: the model's image size; another size writes format version 5)."""
+    side (default ``unit_size``'s; a size other than the model's writes format version 5)."""
     t0 = time.perf_counter()
     if var_type is None:
         var_type = model.default_variance()
     if grid_bits is None:
         grid_bits = DEFAULT_GRID_BITS
-    size, C = check_tile(tile or model.image_size, model), model.channels
+    C = model.channels
     for name, im in images:
         if im.ndim != 3 or im.shape[2] != C or im.dtype != np.uint8:
             raise ValueError(f"{name}: {im.shape[-1] if im.ndim == 3 else '?'}-channel image, the model takes {C}")
+    size = unit_size(model, [im.shape[:2] for _, im in images], tile)
     units = np.concatenate([to_units(im, size) for _, im in images])
     sched = model.chain(steps, spacing)
     timed = _TimedNet(model.net)

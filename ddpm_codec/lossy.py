@@ -42,8 +42,8 @@ import torch
 
 from . import __version__
 from .checkpoint import LoadedModel
-from .codec import (DecodeError, Mode, _TimedNet, count_tiles, from_units, pixels_digest, tile_layout,
-                    to_units, torch_threads)
+from .codec import (DecodeError, Mode, _TimedNet, check_tile, count_tiles, from_units, pixels_digest, tile_layout,
+                    to_units, torch_threads, unit_size)
 from .coding.bitsback import PIXEL_CHUNK, pixel_probs
 from .coding.channel import (DEFAULT_INDEX_BITS, DEFAULT_KL_PER_CHUNK, DEFAULT_LAYOUT, LAYOUTS, StepChannel, chunk_count, kl_bits,
                              pack_indices, packed_bytes, unpack_indices)
@@ -253,10 +253,11 @@ def encode_lossy(
         raise ValueError(f"candidate layout {layout!r} with {index_bits} index bits: use window, or rows with ≤ 16")
     if not 0 < kl_per_chunk <= 2 * index_bits:
         raise ValueError("the KL per chunk must be positive and at most twice the index bits")
-    size, C = model.image_size, model.channels
+    C = model.channels
     for name, im in images:
         if im.ndim != 3 or im.shape[2] != C or im.dtype != np.uint8:
             raise ValueError(f"{name}: {im.shape[-1] if im.ndim == 3 else '?'}-channel image, the model takes {C}")
+    size = unit_size(model, [im.shape[:2] for _, im in images])
     units = np.concatenate([to_units(im, size) for _, im in images])
     sched = model.chain(steps, spacing)
     K = sched.K
@@ -394,7 +395,8 @@ def exact_chain_kl(
     then KL(q(x_{t−1}|x_t, x_0) ‖ p_θ(x_{t−1}|x_t)) per step, then −log2 p_θ(x_0|x_1) with the
     L_0 decoder. Their sum is the variational bound of this chain on these images (one sample)."""
     var_type = _lossy_variance(model, var_type)
-    units = np.concatenate([to_units(im, model.image_size) for _, im in images])
+    size = unit_size(model, [im.shape[:2] for _, im in images])
+    units = np.concatenate([to_units(im, size) for _, im in images])
     sched = model.chain(steps, spacing)
     K = sched.K
     var = model.variance(sched, var_type)
@@ -552,8 +554,9 @@ def decode_lossy(
     h = p.header
     try:
         size, C = int(h["tile"]), int(h["channels"])
-        if size != model.image_size or C != model.channels:
+        if C != model.channels:
             raise DecodeError("the file's tile shape does not fit the model")
+        check_tile(size, model)  # units smaller than the model's: images that fit in one (``unit_size``)
         shapes = [(int(a), int(b)) for a, b in h["shapes"]]
         names = unpack_names(h["names"])
         if len(names) != len(shapes):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ddpm_codec.checkpoint import LoadedModel
-from ddpm_codec.codec import batch_sizes, decode, encode_lossless, to_units
+from ddpm_codec.codec import batch_sizes, decode, encode_lossless, to_units, unit_size
 from ddpm_codec.data import to_model_space
 from ddpm_codec.diffusion import VarianceType
 from ddpm_codec.likelihood import bound_full
@@ -46,7 +46,7 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
     """``bar(desc, total)``: a progress bar (a context manager with ``update(n)``) for each phase,
     counted in tiles. ``network_alone=False`` skips timing the network by itself (a third of the
     run's time); its keys are then None. ``tile``: as ``encode_lossless``'s."""
-    tile = tile or model.image_size
+    tile = unit_size(model, [im.shape[:2] for _, im in images], tile)
     units = np.concatenate([to_units(im, tile) for _, im in images])
     with bar("encode", len(units)) as pb:
         res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing, progress=pb.update,

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ddpm_codec.checkpoint import LoadedModel
-from ddpm_codec.codec import from_units, tile_layout
+from ddpm_codec.codec import from_units, tile_layout, unit_size
 from ddpm_codec.lossy import decode_lossy, encode_lossy, exact_chain_kl
 
 from .baselines import grid_of, lossless_table
@@ -83,8 +83,8 @@ def rd_report(images: list[tuple[str, np.ndarray]], model: LoadedModel, steps: i
     dims = sum(im.size for im in originals)
     enc = encode_lossy(images, model, steps, index_bits=index_bits, kl_per_chunk=kl_per_chunk, batch=batch,
                        record=True, progress=progress)
-    size = model.image_size
     shapes = [im.shape[:2] for im in originals]
+    size = unit_size(model, shapes)  # as encode_lossy cut them
 
     def to_images(units: np.ndarray) -> list[np.ndarray]:
         ims, i = [], 0

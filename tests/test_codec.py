@@ -134,6 +134,26 @@ def test_tiles_larger_than_the_model_round_trip(model, tiny_checkpoint, tmp_path
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "r.png")), imgs[0][1][..., 0])
 
 
+def test_images_smaller_than_the_model_are_not_padded_to_its_size(model):
+    """An archive of images that each fit in one unit is cut into the smallest units the network
+    takes (multiples of 2 for the tiny model), in lossless and lossy files alike."""
+    from ddpm_codec.codec import unit_size
+    from ddpm_codec.lossy import decode_lossy, encode_lossy
+
+    assert unit_size(model, [(5, 3), (2, 2)]) == 6 and unit_size(model, [(8, 8)]) == 8
+    assert unit_size(model, [(11, 17), (2, 2)]) == 8 and unit_size(model, [(5, 3)], tile=8) == 8
+    rng = np.random.default_rng(6)
+    imgs = [("a.png", rng.integers(0, 256, (5, 3, 1), dtype=np.uint8)),
+            ("b.png", rng.integers(0, 256, (4, 6, 1), dtype=np.uint8))]
+    res = encode_lossless(imgs, model, steps=5)
+    assert info(res.data)["tile"] == 6 and res.data[4] == LOSSLESS_TILED_VERSION
+    for (_, a), (_, b) in zip(imgs, decode(res.data, model).images):
+        np.testing.assert_array_equal(a, b)
+    lossy = encode_lossy(imgs, model, steps=5)
+    for (_, a), (_, b) in zip(imgs, decode_lossy(lossy.data, model).images):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_corrupt_files_are_refused(model):
     res = encode_lossless([("a.png", tiny_images(1)[0])], model, steps=5)
     data = res.data
