@@ -59,6 +59,7 @@ class LoadedModel:
     train: dict = field(default_factory=dict)
     x0_mse: np.ndarray | None = None  # e(t), t = 0 … T: see VarianceType.CALIBRATED
     var_base: np.ndarray | None = None  # the e(t) a learned variance was trained against (VarianceType.LEARNED)
+    tile: int | None = None  # the units the codec cuts larger images into, if not image_size (measured: export's)
     _optimal: dict = field(default_factory=dict, repr=False)  # K -> chain of optimal steps
 
     def default_variance(self) -> VarianceType:
@@ -123,6 +124,11 @@ class LoadedModel:
     def image_size(self) -> int:
         return self.config.image_size
 
+    @property
+    def unit(self) -> int:
+        """The side of the units larger images are cut into by default (``codec.unit_size``)."""
+        return self.tile or self.config.image_size
+
 
 def save(path: str | os.PathLike, payload: dict) -> None:
     """Write a checkpoint atomically (a temporary file, then rename)."""
@@ -170,7 +176,17 @@ def load(path: str | os.PathLike) -> LoadedModel:
                        model_id=model_id(ck["net_config"], ck["schedule"], ck["ema"], cal, base),
                        path=Path(path), train=dict(ck.get("train", {})),
                        x0_mse=None if cal is None else np.asarray(cal["x0_mse"], dtype=np.float64),
-                       var_base=None if base is None else np.asarray(base["x0_mse"], dtype=np.float64))
+                       var_base=None if base is None else np.asarray(base["x0_mse"], dtype=np.float64),
+                       tile=_tile(ck.get("tile"), cfg, path))
+
+
+def _tile(tile, cfg: UNetConfig, path) -> int | None:
+    if tile is None:
+        return None
+    m = 1 << (len(cfg.channel_mult) - 1)
+    if not isinstance(tile, int) or not m <= tile <= 512 or tile % m:
+        raise CheckpointError(f"{path}: bad default tile {tile!r}")
+    return tile
 
 
 def shipped_models() -> dict[str, Path]:
@@ -210,11 +226,16 @@ def calibrate(path: str | os.PathLike, images_u8: np.ndarray, gen: torch.Generat
     return load(out or path)
 
 
-def export(src: str | os.PathLike, dst: str | os.PathLike) -> LoadedModel:
+def export(src: str | os.PathLike, dst: str | os.PathLike, tile: int | None = None) -> LoadedModel:
     """A shippable copy of a checkpoint: EMA weights, config, schedule, calibration and training
-    metadata; no raw weights, optimizer or RNG state (so it cannot be resumed). Same model id."""
+    metadata; no raw weights, optimizer or RNG state (so it cannot be resumed). Same model id.
+    ``tile``: the units the codec cuts larger images into by default, when a size other than the
+    training crops' measured better (the network is fully convolutional); not part of the id,
+    since files name their tile."""
     ck = read(src)
     keep = {k: ck[k] for k in ("net_config", "schedule", "ema", "train", "calibration", "var_base") if k in ck}
+    if tile is not None:
+        keep["tile"] = int(tile)
     keep["train"] = {k: v for k, v in keep.get("train", {}).items() if k != "losses"}
     save(dst, keep)
     out = load(dst)

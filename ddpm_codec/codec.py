@@ -102,12 +102,13 @@ def check_tile(tile: int, model: LoadedModel) -> int:
 
 def unit_size(model: LoadedModel, shapes: list[tuple[int, int]], tile: int | None = None) -> int:
     """The side of the units images of these (height, width)s are cut into: ``tile`` if given, else
-    the model's image size — or, when every image fits in one unit of it, the smallest size the
-    network takes that holds the largest side (a 32×32 image is one 32×32 unit for a 64×64 model,
-    not a 64×64 unit of which three quarters are padding)."""
+    the model's unit (``LoadedModel.unit``: its image size, or the tile its card measured best) —
+    or, when every image fits in one unit, the smallest size the network takes that holds the
+    largest side (a 32×32 image is one 32×32 unit, not a 64×64 unit of which three quarters are
+    padding)."""
     if tile is not None:
         return check_tile(tile, model)
-    size, side = model.image_size, max(max(int(h), int(w)) for h, w in shapes)
+    size, side = model.unit, max(max(int(h), int(w)) for h, w in shapes)
     if side >= size:
         return size
     m = tile_multiple(model)

@@ -154,6 +154,23 @@ def test_images_smaller_than_the_model_are_not_padded_to_its_size(model):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_model_file_may_name_its_default_tile(tiny_checkpoint, tmp_path):
+    """export(tile=): the units larger images are cut into by default; not part of the model id."""
+    m = checkpoint.export(tiny_checkpoint, tmp_path / "t.pt", tile=16)
+    assert m.unit == 16 and m.image_size == 8 and m.model_id == checkpoint.load(tiny_checkpoint).model_id
+    big = np.random.default_rng(8).integers(0, 256, (11, 17, 1), dtype=np.uint8)
+    res = encode_lossless([("big.png", big)], m, steps=5)
+    assert info(res.data)["tile"] == 16
+    np.testing.assert_array_equal(decode(res.data, checkpoint.load(tiny_checkpoint)).images[0][1], big)
+    import torch
+
+    ck = torch.load(tmp_path / "t.pt", weights_only=False)
+    ck["tile"] = 7
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="tile"):
+        checkpoint.load(tmp_path / "bad.pt")
+
+
 def test_corrupt_files_are_refused(model):
     res = encode_lossless([("a.png", tiny_images(1)[0])], model, steps=5)
     data = res.data
