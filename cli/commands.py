@@ -370,8 +370,9 @@ AUTO_CHANNEL_BELOW = 49_152
                    "dimensions, and when no --grid-bits is given.")
 @click.option("--tile", type=click.IntRange(min=1), default=None,
               help="Bits-back: the side of the units a larger image is cut into (default: the model's unit, "
-                   "its image size or the tile its card measured best — 64 for `photos`). The network is fully "
-                   "convolutional: a larger unit lets it see across the edges smaller tiles cut (format version 5).")
+                   "its image size unless the model file names another). The network is fully convolutional: a "
+                   "larger unit sees across the edges smaller tiles cut, but edge units are padded (format "
+                   "version 5).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
