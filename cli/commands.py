@@ -134,7 +134,8 @@ def _check_writable(out: Path, force: bool) -> None:
         raise InputError(f"{out.parent} does not exist")
 
 
-def _nll_tile(tile: int | None, lm) -> int:
+def _tile_option(tile: int | None, lm) -> int:
+    """--tile checked against the model (one line on error); None: the model's image size."""
     from ddpm_codec.codec import check_tile
 
     if tile is None:
@@ -191,7 +192,7 @@ def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, ti
         imgs = [load_image(s) for s in inputs]
         channels = imgs[0].shape[-1]
         lm = checkpoint.resolve(model, channels)
-        size = _nll_tile(tile, lm)
+        size = _tile_option(tile, lm)
         if tile is not None:
             if any(im.shape[0] % size or im.shape[1] % size or im.shape[2] != channels for im in imgs):
                 raise InputError(f"--tile {size}: give images of one channel count whose sides are multiples of it")
@@ -205,7 +206,7 @@ def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, ti
         src_spec = inputs[0]
         channels = 1 if src_spec.split(":")[0] in ("mnist", "fashion-mnist") else 3
         lm = checkpoint.resolve(model, channels)
-        size = _nll_tile(tile, lm)
+        size = _tile_option(tile, lm)
         src = load_source(src_spec, "test", crop=size, channels=lm.channels)
         images = src.take(n or None, np.random.default_rng(seed))
     else:
@@ -394,7 +395,7 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
     from tqdm import tqdm
 
     from ddpm_codec import checkpoint
-    from ddpm_codec.codec import DEFAULT_STEPS, check_tile, count_tiles, encode_lossless, unit_size
+    from ddpm_codec.codec import DEFAULT_STEPS, count_tiles, encode_lossless, unit_size
     from ddpm_codec.data import load_image
     from ddpm_codec.diffusion import VarianceType
 
@@ -428,10 +429,7 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
     if tile is not None:
         if lossy or method == "channel":
             raise InputError("--tile is for bits-back files; lossy and channel files use the model's size")
-        try:
-            check_tile(tile, lm)
-        except ValueError as e:
-            raise InputError(f"--{e}") from None
+        _tile_option(tile, lm)
     if method == "auto":
         method = "channel" if dims < AUTO_CHANNEL_BELOW and grid_bits is None and tile is None else "bits-back"
     if lossy or method == "channel":

@@ -180,11 +180,21 @@ def load(path: str | os.PathLike) -> LoadedModel:
                        tile=_tile(ck.get("tile"), cfg, path))
 
 
+MAX_TILE = 512  # largest unit side a model codes (one unit's activations grow with its area)
+
+
+def tile_multiple(cfg: UNetConfig) -> int:
+    """Unit sides the U-Net takes: multiples of 2^(levels − 1) (each level halves the size)."""
+    return 1 << (len(cfg.channel_mult) - 1)
+
+
+def takes_tile(tile, cfg: UNetConfig) -> bool:
+    m = tile_multiple(cfg)
+    return isinstance(tile, int) and m <= tile <= MAX_TILE and tile % m == 0
+
+
 def _tile(tile, cfg: UNetConfig, path) -> int | None:
-    if tile is None:
-        return None
-    m = 1 << (len(cfg.channel_mult) - 1)
-    if not isinstance(tile, int) or not m <= tile <= 512 or tile % m:
+    if tile is not None and not takes_tile(tile, cfg):
         raise CheckpointError(f"{path}: bad default tile {tile!r}")
     return tile
 

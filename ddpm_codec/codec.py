@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import LoadedModel
+from .checkpoint import MAX_TILE, LoadedModel, takes_tile, tile_multiple
 from .coding.bitsback import ChainCoder
 from .coding.container import LOSSLESS_TILED_VERSION, LOSSLESS_VERSION, Container, FormatError, pack_names, unpack_names
 from .coding.entropy import Stack
@@ -84,19 +84,11 @@ def pixels_digest(images: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-MAX_TILE = 512  # a reader refuses larger tiles (one unit's activations grow with its area)
-
-
-def tile_multiple(model: LoadedModel) -> int:
-    """Tile sizes the model's U-Net takes: multiples of 2^(levels − 1) (each level halves the size)."""
-    return 1 << (len(model.config.channel_mult) - 1)
-
-
 def check_tile(tile: int, model: LoadedModel) -> int:
     """``tile`` if the model can code units of tile × tile, else ValueError with one line."""
-    m = tile_multiple(model)
-    if not m <= tile <= MAX_TILE or tile % m:
-        raise ValueError(f"tile {tile}: the model takes tiles that are multiples of {m}, up to {MAX_TILE}")
+    if not takes_tile(tile, model.config):
+        raise ValueError(f"tile {tile}: the model takes tiles that are multiples of "
+                         f"{tile_multiple(model.config)}, up to {MAX_TILE}")
     return tile
 
 
@@ -111,7 +103,7 @@ def unit_size(model: LoadedModel, shapes: list[tuple[int, int]], tile: int | Non
     size, side = model.unit, max(max(int(h), int(w)) for h, w in shapes)
     if side >= size:
         return size
-    m = tile_multiple(model)
+    m = tile_multiple(model.config)
     return max(m, -(-side // m) * m)
 
 

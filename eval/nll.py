@@ -39,14 +39,6 @@ class NllResult:
         return asdict(self)
 
 
-def _takes(model: LoadedModel, size: int, check) -> bool:
-    try:
-        check(size, model)
-    except ValueError:
-        return False
-    return True
-
-
 def dataset_nll(
     model: LoadedModel,
     images: np.ndarray,
@@ -61,10 +53,10 @@ def dataset_nll(
     """The bound of the K-step chain ``sched`` on uint8 images [N, H, W, C], in bits/dim. H = W is
     the model's image size or another tile size it takes (``codec.check_tile``: the network is
     fully convolutional)."""
-    from ddpm_codec.codec import check_tile
+    from ddpm_codec.checkpoint import takes_tile
 
     h, w, c = images.shape[1:]
-    if h != w or c != model.channels or (h != model.image_size and not _takes(model, h, check_tile)):
+    if h != w or c != model.channels or (h != model.image_size and not takes_tile(h, model.config)):
         raise ValueError(f"images are {h}×{w}×{c} but the model takes "
                          f"{model.image_size}×{model.image_size}×{model.channels}")
     variance = model.variance(sched, var_type)
