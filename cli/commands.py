@@ -372,8 +372,9 @@ AUTO_CHANNEL_BELOW = 49_152
 @click.option("--tile", type=click.IntRange(min=1), default=None,
               help="Bits-back: the side of the units a larger image is cut into (default: the model's unit, "
                    "its image size unless the model file names another). The network is fully convolutional: a "
-                   "larger unit sees across the edges smaller tiles cut, but edge units are padded (format "
-                   "version 5).")
+                   "larger unit sees across the edges smaller tiles cut (format version 5). A side that is not a "
+                   "multiple of it is cut into as many units of nearly equal sides instead of padding the last "
+                   "(version 6).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors

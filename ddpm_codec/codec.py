@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .checkpoint import MAX_TILE, LoadedModel, takes_tile, tile_multiple
 from .coding.bitsback import ChainCoder
-from .coding.container import LOSSLESS_TILED_VERSION, LOSSLESS_VERSION, Container, FormatError, pack_names, unpack_names
+from .coding.container import LOSSLESS_EVEN_VERSION, LOSSLESS_TILED_VERSION, LOSSLESS_VERSION, Container, FormatError, pack_names, unpack_names
 from .coding.entropy import Stack
 from .diffusion import VarianceType
 from .schedule import schedule_from_spec
@@ -112,7 +112,7 @@ def tile_layout(h: int, w: int, size: int) -> tuple[int, int]:
 
 
 def count_tiles(shapes: list[tuple[int, int]], size: int) -> int:
-    """Tiles of ``size`` needed for images of the given (height, width)s."""
+    """Tiles of ``size`` needed for images of the given (height, width)s (in either layout)."""
     return sum(a * b for a, b in (tile_layout(h, w, size) for h, w in shapes))
 
 
@@ -130,6 +130,78 @@ def from_units(units: np.ndarray, h: int, w: int) -> np.ndarray:
     ny, nx = tile_layout(h, w, size)
     full = units.reshape(ny, nx, c, size, size).transpose(0, 3, 1, 4, 2).reshape(ny * size, nx * size, c)
     return np.ascontiguousarray(full[:h, :w])
+
+
+def even_cuts(length: int, size: int, multiple: int) -> list[int]:
+    """The even layout's unit sides along one axis of ``length``: as many units as tiles of
+    ``size`` would take, each a multiple of ``multiple`` (what the network takes), as equal as
+    possible, larger first; they cover ``length`` rounded up to ``multiple`` (padding < multiple).
+    400 pixels in units of 32 (multiple 4): nine of 32 and four of 28, where tiles of 32 pad 16."""
+    n, q = -(-length // size), -(-length // multiple)
+    base, extra = divmod(q, n)
+    return [(base + 1) * multiple] * extra + [base * multiple] * (n - extra)
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    """How a file's images become units: ``size`` × ``size`` tiles with padded edges (versions 1
+    and 5), or, ``even``, the same number of units per axis with sides from ``even_cuts`` (version
+    6): no unit is more than ``multiple`` − 1 pixels of padding, where a 400 × 600 photo in tiles
+    of 64 codes 19 % padding. Units of one shape are coded together, so the file's units are
+    grouped by shape: groups in order of decreasing (height, width), units in image order, row
+    by row."""
+
+    size: int
+    multiple: int
+    even: bool
+
+    def cuts(self, length: int) -> list[int]:
+        if self.even:
+            return even_cuts(length, self.size, self.multiple)
+        return [self.size] * -(-length // self.size)
+
+    def boxes(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
+        """(y, x, height, width) of an image's units, row by row."""
+        ys, xs = self.cuts(h), self.cuts(w)
+        y0, x0 = np.cumsum([0] + ys[:-1]), np.cumsum([0] + xs[:-1])
+        return [(int(y), int(x), a, b) for y, a in zip(y0, ys) for x, b in zip(x0, xs)]
+
+    def groups(self, shapes: list[tuple[int, int]]) -> list[tuple[tuple[int, int], list[tuple[int, tuple]]]]:
+        """[((height, width), [(image index, box), …]), …] in coding order."""
+        by: dict[tuple[int, int], list] = {}
+        for i, (h, w) in enumerate(shapes):
+            for box in self.boxes(h, w):
+                by.setdefault(box[2:], []).append((i, box))
+        return sorted(by.items(), reverse=True)
+
+    def cut(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """uint8 [H, W, C] images -> per group, its units [n, C, height, width] (edges padded by
+        repeating the last row and column)."""
+        padded = []
+        for im in images:
+            h, w, _ = im.shape
+            ph, pw = sum(self.cuts(h)) - h, sum(self.cuts(w)) - w
+            padded.append(np.pad(im, ((0, ph), (0, pw), (0, 0)), mode="edge"))
+        return [np.ascontiguousarray(np.stack([padded[i][y:y + a, x:x + b].transpose(2, 0, 1)
+                                               for i, (y, x, a, b) in members]))
+                for _, members in self.groups([im.shape[:2] for im in images])]
+
+    def paste(self, units: list[np.ndarray], shapes: list[tuple[int, int]], channels: int) -> list[np.ndarray]:
+        """The inverse of ``cut``: per group its units -> the images."""
+        full = [np.empty((sum(self.cuts(h)), sum(self.cuts(w)), channels), dtype=np.uint8) for h, w in shapes]
+        for (_, members), u in zip(self.groups(shapes), units):
+            for (i, (y, x, a, b)), one in zip(members, u):
+                full[i][y:y + a, x:x + b] = one.transpose(1, 2, 0)
+        return [np.ascontiguousarray(f[:h, :w]) for f, (h, w) in zip(full, shapes)]
+
+
+def layout_for(model: LoadedModel, shapes: list[tuple[int, int]], size: int) -> UnitLayout:
+    """The layout a new lossless file uses: even where that differs from padded tiles (version 6),
+    else padded tiles (so the file stays version 1 or 5, readable by older readers)."""
+    even = UnitLayout(size, tile_multiple(model.config), True)
+    if all(even.cuts(n) == [size] * -(-n // size) for hw in shapes for n in hw):
+        return UnitLayout(size, even.multiple, False)
+    return even
 
 
 @contextlib.contextmanager
@@ -186,6 +258,41 @@ def _spans(sizes: list[int]) -> list[tuple[int, int]]:
     return [(e - s, e) for s, e in zip(sizes, ends)]
 
 
+def group_batches(groups: list[np.ndarray], batch: int, first: int = 1) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """Batch sizes for units in groups of one shape each (``batch_sizes``'s ramp over all of them,
+    cut where a group ends) and their (group, first, end) spans."""
+    ends = np.cumsum([len(g) for g in groups]).tolist()
+    sizes = split_at(batch_sizes(ends[-1], batch, first), ends)
+    return sizes, group_spans(sizes, ends)
+
+
+def group_spans(sizes: list[int], ends: list[int]) -> list[tuple[int, int, int]]:
+    """(group, first, end) within the group of each batch; ValueError if one spans two groups."""
+    starts = [0] + ends[:-1]
+    out = []
+    for a, b in _spans(sizes):
+        g = int(np.searchsorted(ends, a, side="right"))
+        if g >= len(ends) or b > ends[g]:
+            raise ValueError("a batch crosses a group of units")
+        out.append((g, a - starts[g], b - starts[g]))
+    return out
+
+
+def split_at(sizes: list[int], bounds: list[int]) -> list[int]:
+    """Batch sizes cut where a group of units of one shape ends (``bounds``: the groups' ends)."""
+    out, at = [], 0
+    cuts = sorted(set(bounds))
+    for s in sizes:
+        end = at + s
+        for c in cuts:
+            if at < c < end:
+                out.append(c - at)
+                at = c
+        out.append(end - at)
+        at = end
+    return out
+
+
 def encode_lossless(
     images: list[tuple[str, np.ndarray]],
     model: LoadedModel,
@@ -211,26 +318,28 @@ def encode_lossless(
     for name, im in images:
         if im.ndim != 3 or im.shape[2] != C or im.dtype != np.uint8:
             raise ValueError(f"{name}: {im.shape[-1] if im.ndim == 3 else '?'}-channel image, the model takes {C}")
-    size = unit_size(model, [im.shape[:2] for _, im in images], tile)
-    units = np.concatenate([to_units(im, size) for _, im in images])
+    shapes = [im.shape[:2] for _, im in images]
+    size = unit_size(model, shapes, tile)
+    layout = layout_for(model, shapes, size)
+    groups = layout.cut([im for _, im in images])
     sched = model.chain(steps, spacing)
     timed = _TimedNet(model.net)
     coder = ChainCoder(timed, sched, model.variance(sched, var_type), grid_bits)
     threads = torch.get_num_threads()
-    sizes = batch_sizes(len(units), batch, first_batch)
-    spans = _spans(sizes)
+    sizes, spans = group_batches(groups, batch, first_batch)
+    n_values = sum(g.size for g in groups)
     # Seed words below the stack's lowest point are left out of the file, so a generous seed costs
     # nothing but memory; one that runs dry forces a second encode (measured: the batch ramp
     # borrowed ~0.5 bits/dim of 100 digits at K = 1000, far above one batch's 12 bits/dim).
-    n_seed = min(1 << 24, units.size // 4 + 1024)  # 8 bits per dimension of the whole input
+    n_seed = min(1 << 24, n_values // 4 + 1024)  # 8 bits per dimension of the whole input
     while True:
         seeds = seed_words(n_seed)
         stack = Stack(seeds)
         start = stack.bits()
         lowest = [start]
         with torch_threads(threads):
-            for a, b in spans:
-                coder.encode(stack, units[a:b], on_step=lambda s: lowest.append(s.bits()))
+            for g, a, b in spans:
+                coder.encode(stack, groups[g][a:b], on_step=lambda s: lowest.append(s.bits()))
                 if progress:
                     progress(b - a)
         if min(lowest) >= 64 + 2 * 32:  # the seed was never exhausted
@@ -255,7 +364,8 @@ def encode_lossless(
         "seed_words": {"count": n_seed, "dropped": dropped},
         "pixels_sha256": pixels_digest([im for _, im in images]),
     }
-    version = LOSSLESS_VERSION if size == model.image_size else LOSSLESS_TILED_VERSION
+    version = (LOSSLESS_EVEN_VERSION if layout.even else
+               LOSSLESS_VERSION if size == model.image_size else LOSSLESS_TILED_VERSION)
     data = Container(header, payload, version).to_bytes()
     dims = sum(im.size for _, im in images)
     return EncodeResult(data=data, dims=dims, initial_bits=32 * (n_seed - dropped),
@@ -297,7 +407,8 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         size, C = int(h["tile"]), int(h["channels"])
         if C != model.channels:
             raise DecodeError("the file's tile shape does not fit the model")
-        if (size != model.image_size) != (c.version == LOSSLESS_TILED_VERSION):
+        even = c.version == LOSSLESS_EVEN_VERSION
+        if not even and (size != model.image_size) != (c.version == LOSSLESS_TILED_VERSION):
             raise FormatError(f"header: tile {size} in a version-{c.version} file")
         check_tile(size, model)
         sched = model.chain_from_spec(h["schedule"])
@@ -306,12 +417,13 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         names = unpack_names(h["names"])
         if len(names) != len(shapes):
             raise FormatError("header: names and shapes differ in number")
-        counts = [tile_layout(hh, ww, size) for hh, ww in shapes]
-        n_units = count_tiles(shapes, size)
+        layout = UnitLayout(size, tile_multiple(model.config), even)
+        groups = layout.groups(shapes)
+        ends = np.cumsum([len(m) for _, m in groups]).tolist()
         sizes = [int(v) for v in h["batches"]]
-        if sum(sizes) != n_units or min(sizes) < 1:
+        if sum(sizes) != count_tiles(shapes, size) or min(sizes) < 1:
             raise FormatError("header: batch sizes do not add up to the tiles")
-        spans = _spans(sizes)
+        spans = group_spans(sizes, ends)
         seeds = seed_words(int(h["seed_words"]["count"]))
         dropped = int(h["seed_words"]["dropped"])
         threads = int(h["threads"])
@@ -320,11 +432,11 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
             raise
         raise FormatError(f"malformed header ({type(e).__name__}: {e})") from None
     stack = Stack(c.payload)
-    units = np.empty((n_units, C, size, size), dtype=np.uint8)
+    units = [np.empty((len(m), C, a, b), dtype=np.uint8) for (a, b), m in groups]
     try:
         with torch_threads(threads):
-            for a, b in reversed(spans):
-                units[a:b] = coder.decode(stack, (b - a, C, size, size))
+            for g, a, b in reversed(spans):
+                units[g][a:b] = coder.decode(stack, (b - a, *units[g].shape[1:]))
                 if progress:
                     progress(b - a)
     except ValueError as e:
@@ -332,10 +444,7 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
     if not np.array_equal(stack.words(), seeds[dropped:]):
         raise DecodeError("decoding did not end on the stream's initial words: the file is corrupt "
                           "or was decoded with different numerics than it was encoded with")
-    images, i = [], 0
-    for name, (hh, ww), (ny, nx) in zip(names, shapes, counts):
-        images.append((name, from_units(units[i:i + ny * nx], hh, ww)))
-        i += ny * nx
+    images = list(zip(names, layout.paste(units, shapes, C)))
     if pixels_digest([im for _, im in images]) != h["pixels_sha256"]:
         raise DecodeError("decoded pixels do not match the original's checksum; nothing was written")
     dims = sum(im.size for _, im in images)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ddpm_codec.checkpoint import LoadedModel
-from ddpm_codec.codec import batch_sizes, decode, encode_lossless, to_units, unit_size
+from ddpm_codec.codec import decode, encode_lossless, group_batches, layout_for, unit_size
 from ddpm_codec.data import to_model_space
 from ddpm_codec.diffusion import VarianceType
 from ddpm_codec.likelihood import bound_full
@@ -24,18 +24,20 @@ def _no_bar(desc: str, total: int) -> _NoBar:
     return _NoBar()
 
 
-def network_only_seconds(model: LoadedModel, units: np.ndarray, K: int, sizes: list[int],
+def network_only_seconds(model: LoadedModel, groups: list[np.ndarray], K: int, batch: int,
                          progress: Callable[[int], None] | None = None) -> float:
-    """The network alone over the same batches and steps the coder runs (random inputs)."""
+    """The network alone over the same batches (``groups``: the file's units, by shape) and steps
+    the coder runs (random inputs)."""
     gen = torch.Generator().manual_seed(0)
+    _, spans = group_batches(groups, batch)
     t0 = time.perf_counter()
     with torch.no_grad():
-        for size in sizes:
-            x = torch.randn((size, *units.shape[1:]), generator=gen)
+        for g, a, b in spans:
+            x = torch.randn((b - a, *groups[g].shape[1:]), generator=gen)
             for k in range(K, 0, -1):
                 model.net(x, torch.full((x.shape[0],), float(k)))
             if progress:
-                progress(size)
+                progress(b - a)
     return time.perf_counter() - t0
 
 
@@ -46,20 +48,22 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
     """``bar(desc, total)``: a progress bar (a context manager with ``update(n)``) for each phase,
     counted in tiles. ``network_alone=False`` skips timing the network by itself (a third of the
     run's time); its keys are then None. ``tile``: as ``encode_lossless``'s."""
-    tile = unit_size(model, [im.shape[:2] for _, im in images], tile)
-    units = np.concatenate([to_units(im, tile) for _, im in images])
-    with bar("encode", len(units)) as pb:
+    shapes = [im.shape[:2] for _, im in images]
+    tile = unit_size(model, shapes, tile)
+    groups = layout_for(model, shapes, tile).cut([im for _, im in images])
+    n_units = sum(len(g) for g in groups)
+    with bar("encode", n_units) as pb:
         res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing, progress=pb.update,
                               tile=tile)
     t0 = time.perf_counter()
-    with bar("decode", len(units)) as pb:
+    with bar("decode", n_units) as pb:
         dec = decode(res.data, model, progress=pb.update)
     dec_s = time.perf_counter() - t0
     exact = all(np.array_equal(a, b) for (_, a), (_, b) in zip(images, dec.images))
     net_only = None
     if network_alone:
-        with bar("network alone", len(units)) as pb:
-            net_only = network_only_seconds(model, units, K, batch_sizes(len(units), batch), pb.update)
+        with bar("network alone", n_units) as pb:
+            net_only = network_only_seconds(model, groups, K, batch, pb.update)
     payload_bits = 8 * (len(res.data) - res.header_bytes) - res.initial_bits
     out = {
         "images": len(images), "dims": res.dims, "steps": K, "tile": tile, "variance": res.variance, "grid_bits": grid_bits,

@@ -11,7 +11,7 @@ from PIL import Image
 from ddpm_codec import checkpoint
 from ddpm_codec.cli.main import cli
 from ddpm_codec.codec import DecodeError, decode, encode_lossless, from_units, info, to_units
-from ddpm_codec.coding.container import LOSSLESS_TILED_VERSION, VERSION, Container, FormatError
+from ddpm_codec.coding.container import LOSSLESS_EVEN_VERSION, LOSSLESS_TILED_VERSION, VERSION, Container, FormatError
 from ddpm_codec.diffusion import VarianceType
 from conftest import tiny_images
 
@@ -41,6 +41,27 @@ def test_tiles_round_trip():
     np.testing.assert_array_equal(from_units(u, 19, 13), im)
 
 
+def test_even_layout_cuts_as_many_units_as_tiles_with_little_padding():
+    from ddpm_codec.codec import UnitLayout, even_cuts, split_at
+
+    assert even_cuts(400, 32, 4) == [32] * 9 + [28] * 4 and even_cuts(600, 64, 4) == [60] * 10
+    assert even_cuts(512, 32, 4) == [32] * 16 and even_cuts(5, 8, 2) == [6]
+    for length in range(1, 200):
+        for size, m in [(8, 2), (32, 4), (64, 4)]:
+            cuts = even_cuts(length, size, m)
+            assert len(cuts) == -(-length // size) and all(c % m == 0 and 0 < c <= size for c in cuts)
+            assert 0 <= sum(cuts) - length < m and max(cuts) - min(cuts) <= m
+    rng = np.random.default_rng(1)
+    ims = [rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in [(19, 13), (8, 8), (5, 17)]]
+    lay = UnitLayout(8, 2, True)
+    groups = lay.cut(ims)
+    assert sum(len(g) for g in groups) == 6 + 1 + 3
+    assert [g.shape[2:] for g in groups] == sorted({g.shape[2:] for g in groups}, reverse=True)
+    for a, b in zip(lay.paste(groups, [im.shape[:2] for im in ims], 3), ims):
+        np.testing.assert_array_equal(a, b)
+    assert split_at([1, 1, 2, 5, 3], [4, 7, 12]) == [1, 1, 2, 3, 2, 3]
+
+
 @pytest.mark.parametrize("var", [VarianceType.FIXED_SMALL, VarianceType.CALIBRATED])
 def test_archive_with_a_tiled_image_round_trips(calibrated, var):
     imgs = [(f"d{i}.png", im) for i, im in enumerate(tiny_images(5, seed=1))]
@@ -53,7 +74,9 @@ def test_archive_with_a_tiled_image_round_trips(calibrated, var):
         np.testing.assert_array_equal(a, b)
     assert 0 < res.initial_bits < 8 * len(res.data)
     i = info(res.data, calibrated)
-    assert i["format_version"] == 1 and i["mode"] == "lossless" and len(i["steps"]) == 20 and i["K"] == 20
+    # 11×17 is cut into 2 × 3 units of 6×6 (version 6), not padded 8×8 tiles
+    assert i["format_version"] == LOSSLESS_EVEN_VERSION and i["mode"] == "lossless" and len(i["steps"]) == 20
+    assert i["K"] == 20
     assert i["spacing"] == "optimal" and info(res.data)["steps"] is None  # named, not listed, in the header
     assert i["model"] == calibrated.model_id and [m["name"] for m in i["images"]][-1] == "big.png"
 
@@ -101,11 +124,12 @@ def test_decoder_in_another_process_with_other_threads(calibrated, tmp_path):
 
 def test_tiles_larger_than_the_model_round_trip(model, tiny_checkpoint, tmp_path):
     """The U-Net is fully convolutional: a file may cut images into units of another multiple of
-    its size (format version 5); the decoder reads the tile from the header."""
+    its size (format version 5); the decoder reads the tile from the header. An image whose sides
+    are not multiples of the tile is cut into units of even sides, not padded tiles (version 6)."""
     rng = np.random.default_rng(4)
     size = model.image_size
-    imgs = [("big.png", rng.integers(0, 256, (2 * size + 3, 3 * size - 1, 1), dtype=np.uint8)),
-            ("small.png", tiny_images(1, seed=5)[0])]
+    imgs = [("big.png", rng.integers(0, 256, (2 * size, 4 * size, 1), dtype=np.uint8)),
+            ("square.png", rng.integers(0, 256, (2 * size, 2 * size, 1), dtype=np.uint8))]
     res = encode_lossless(imgs, model, steps=5, tile=2 * size)
     assert res.data[4] == LOSSLESS_TILED_VERSION and info(res.data)["tile"] == 2 * size
     out = decode(res.data, model)
@@ -114,6 +138,13 @@ def test_tiles_larger_than_the_model_round_trip(model, tiny_checkpoint, tmp_path
     plain = encode_lossless(imgs, model, steps=5)
     assert plain.data[4] == 1 and info(plain.data)["tile"] == size
     assert len(res.data) != len(plain.data)  # other units, another chain: not the same file
+    ragged = [("r.png", rng.integers(0, 256, (2 * size + 3, 3 * size - 1, 1), dtype=np.uint8)),
+              ("small.png", tiny_images(1, seed=5)[0])] + imgs
+    for tile in (None, 2 * size):
+        even = encode_lossless(ragged, model, steps=5, tile=tile)
+        assert even.data[4] == LOSSLESS_EVEN_VERSION and info(even.data)["tile"] == (tile or size)
+        for (_, a), (_, b) in zip(ragged, decode(even.data, model).images):
+            np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="multiples of"):
         encode_lossless(imgs, model, steps=5, tile=size + 1)
     # a version-1 file claiming other tiles, or a version-5 file at the model's size, is refused
@@ -121,8 +152,13 @@ def test_tiles_larger_than_the_model_round_trip(model, tiny_checkpoint, tmp_path
     c.header.pop("_version")
     with pytest.raises(FormatError, match="tile"):
         decode(Container(c.header, c.payload, LOSSLESS_TILED_VERSION).to_bytes(), model)
+    # a version-6 file read as padded tiles (version 5) does not decode
+    c = Container.from_bytes(even.data)
+    c.header.pop("_version")
+    with pytest.raises((DecodeError, FormatError)):
+        decode(Container(c.header, c.payload, LOSSLESS_TILED_VERSION).to_bytes(), model)
     p = tmp_path / "big.png"
-    Image.fromarray(imgs[0][1][..., 0]).save(p)
+    Image.fromarray(ragged[0][1][..., 0]).save(p)
     r = run(["encode", str(p), "-o", str(tmp_path / "b.ddpm"), "--model", str(tiny_checkpoint), "--steps", "5",
              "--tile", str(size + 1)])
     assert r.exit_code != 0 and "multiples of" in r.output
@@ -131,7 +167,7 @@ def test_tiles_larger_than_the_model_round_trip(model, tiny_checkpoint, tmp_path
     assert r.exit_code == 0, r.output
     r = run(["decode", str(tmp_path / "b.ddpm"), "-o", str(tmp_path / "r.png"), "--model", str(tiny_checkpoint)])
     assert r.exit_code == 0, r.output
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "r.png")), imgs[0][1][..., 0])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "r.png")), ragged[0][1][..., 0])
 
 
 def test_images_smaller_than_the_model_are_not_padded_to_its_size(model):
@@ -145,8 +181,8 @@ def test_images_smaller_than_the_model_are_not_padded_to_its_size(model):
     rng = np.random.default_rng(6)
     imgs = [("a.png", rng.integers(0, 256, (5, 3, 1), dtype=np.uint8)),
             ("b.png", rng.integers(0, 256, (4, 6, 1), dtype=np.uint8))]
-    res = encode_lossless(imgs, model, steps=5)
-    assert info(res.data)["tile"] == 6 and res.data[4] == LOSSLESS_TILED_VERSION
+    res = encode_lossless(imgs, model, steps=5)  # 5×3 in a 6×4 unit, 4×6 in 4×6: version 6
+    assert info(res.data)["tile"] == 6 and res.data[4] == LOSSLESS_EVEN_VERSION
     for (_, a), (_, b) in zip(imgs, decode(res.data, model).images):
         np.testing.assert_array_equal(a, b)
     lossy = encode_lossy(imgs, model, steps=5)
@@ -290,3 +326,31 @@ def test_numbered_names_are_stored_as_a_pattern_and_restored(model):
     dec = decode(res.data, model)
     assert [n for n, _ in dec.images] == [n for n, _ in imgs]
     assert [r["name"] for r in info(res.data)["images"]] == [n for n, _ in imgs]
+
+
+def test_bench_codes_ragged_images_in_the_files_units(model):
+    """`bench codec` runs the same units and batches as the file: a ragged image round-trips and
+    the network-alone timing covers every unit."""
+    from ddpm_codec.eval.bench_codec import bench_images
+
+    rng = np.random.default_rng(8)
+    imgs = [("r.png", rng.integers(0, 256, (13, 11, 1), dtype=np.uint8))]
+    counted = []
+
+    class Bar:
+        def __init__(self, desc, total):
+            self.desc, self.total = desc, total
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def update(self, n=1):
+            counted.append((self.desc, n))
+
+    out = bench_images(model, imgs, 5, None, 1, 3, with_bound=False, bar=Bar)
+    assert out["exact"] and out["tile"] == 8 and out["network_only_s"] > 0
+    for phase in ("encode", "decode", "network alone"):
+        assert sum(n for d, n in counted if d == phase) == 4  # 13×11 in 2 × 2 units (8 or 6 a side)

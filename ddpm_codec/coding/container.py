@@ -24,6 +24,10 @@ lowest version that can express the file, so lossless files stay readable by ver
 5 is the lossless file of version 1 whose tiles (header key "tile") differ from the model's image
 size: the network is fully convolutional, so a model trained on 32×32 crops can code 64×64
 units, which see across the edges that 32×32 tiles cut (``codec.encode_lossless``'s ``tile``).
+6 is the lossless file whose units are not all square tiles: an image whose side is not a
+multiple of the tile is cut into as many units as tiles, with sides as equal as the network
+allows (``codec.UnitLayout``), instead of padding the last tile; writers use it only for images
+where that differs from version 1 or 5.
 """
 from __future__ import annotations
 
@@ -36,10 +40,11 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DDPM"
-VERSION = 5  # the highest version this reader knows
+VERSION = 6  # the highest version this reader knows
 LOSSLESS_VERSION = 1
 LOSSLESS_TILED_VERSION = 5  # as 1, with tiles of a size other than the model's
-LOSSLESS_VERSIONS = (LOSSLESS_VERSION, LOSSLESS_TILED_VERSION)
+LOSSLESS_EVEN_VERSION = 6  # as 5, edge units not padded: unit sides split the image evenly (``codec.UnitLayout``)
+LOSSLESS_VERSIONS = (LOSSLESS_VERSION, LOSSLESS_TILED_VERSION, LOSSLESS_EVEN_VERSION)
 LOSSY_VERSION = 2  # chunk counts listed
 LOSSY_PREDICTED_VERSION = 3  # chunk counts as differences from the model's prediction
 LOSSY_LEARNED_VERSION = 4  # as 3, with the learned variance: σ per dimension, chunks balanced by predicted KL
