@@ -42,7 +42,7 @@ def test_tiles_round_trip():
 
 
 def test_even_layout_cuts_as_many_units_as_tiles_with_little_padding():
-    from ddpm_codec.codec import UnitLayout, even_cuts, split_at
+    from ddpm_codec.codec import UnitLayout, even_cuts, group_batches
 
     assert even_cuts(400, 32, 4) == [32] * 9 + [28] * 4 and even_cuts(600, 64, 4) == [60] * 10
     assert even_cuts(512, 32, 4) == [32] * 16 and even_cuts(5, 8, 2) == [6]
@@ -59,7 +59,10 @@ def test_even_layout_cuts_as_many_units_as_tiles_with_little_padding():
     assert [g.shape[2:] for g in groups] == sorted({g.shape[2:] for g in groups}, reverse=True)
     for a, b in zip(lay.paste(groups, [im.shape[:2] for im in ims], 3), ims):
         np.testing.assert_array_equal(a, b)
-    assert split_at([1, 1, 2, 5, 3], [4, 7, 12]) == [1, 1, 2, 3, 2, 3]
+    # batches never cross a group; the ramp counts values: after 8 small units, one large one
+    sizes, spans = group_batches([np.zeros((8, 1, 4, 4)), np.zeros((3, 1, 8, 8)), np.zeros((30, 1, 8, 6))], 4)
+    assert sizes[:9] == [1] * 9 and sum(sizes) == 41 and max(sizes) <= 4
+    assert all(0 <= a < b <= [8, 3, 30][g] for g, a, b in spans) and spans[8] == (1, 0, 1)
 
 
 @pytest.mark.parametrize("var", [VarianceType.FIXED_SMALL, VarianceType.CALIBRATED])
@@ -128,15 +131,21 @@ def test_tiles_larger_than_the_model_round_trip(model, tiny_checkpoint, tmp_path
     are not multiples of the tile is cut into units of even sides, not padded tiles (version 6)."""
     rng = np.random.default_rng(4)
     size = model.image_size
-    imgs = [("big.png", rng.integers(0, 256, (2 * size, 4 * size, 1), dtype=np.uint8)),
+    imgs = [("big.png", rng.integers(0, 256, (2 * size, 6 * size, 1), dtype=np.uint8)),
             ("square.png", rng.integers(0, 256, (2 * size, 2 * size, 1), dtype=np.uint8))]
     res = encode_lossless(imgs, model, steps=5, tile=2 * size)
     assert res.data[4] == LOSSLESS_TILED_VERSION and info(res.data)["tile"] == 2 * size
     out = decode(res.data, model)
     for (_, a), (_, b) in zip(imgs, out.images):
         np.testing.assert_array_equal(a, b)
-    plain = encode_lossless(imgs, model, steps=5)
-    assert plain.data[4] == 1 and info(plain.data)["tile"] == size
+    assert info(res.data)["ramp"] == 0  # 3 units of 16: no ramp
+    plain = encode_lossless(imgs, model, steps=5)  # 12 units of 8: the first two in quarters (version 6)
+    assert plain.data[4] == LOSSLESS_EVEN_VERSION and info(plain.data)["tile"] == size
+    assert info(plain.data)["ramp"] == 2
+    for (_, a), (_, b) in zip(imgs, decode(plain.data, model).images):
+        np.testing.assert_array_equal(a, b)
+    flat = encode_lossless([("half.png", imgs[1][1][:size])], model, steps=5)  # 2 units of 8: no ramp
+    assert flat.data[4] == 1 and info(flat.data)["ramp"] == 0
     assert len(res.data) != len(plain.data)  # other units, another chain: not the same file
     ragged = [("r.png", rng.integers(0, 256, (2 * size + 3, 3 * size - 1, 1), dtype=np.uint8)),
               ("small.png", tiny_images(1, seed=5)[0])] + imgs
@@ -148,7 +157,7 @@ def test_tiles_larger_than_the_model_round_trip(model, tiny_checkpoint, tmp_path
     with pytest.raises(ValueError, match="multiples of"):
         encode_lossless(imgs, model, steps=5, tile=size + 1)
     # a version-1 file claiming other tiles, or a version-5 file at the model's size, is refused
-    c = Container.from_bytes(plain.data)
+    c = Container.from_bytes(flat.data)
     c.header.pop("_version")
     with pytest.raises(FormatError, match="tile"):
         decode(Container(c.header, c.payload, LOSSLESS_TILED_VERSION).to_bytes(), model)
@@ -293,9 +302,10 @@ def test_cli_round_trip_and_bad_input(tiny_checkpoint, tmp_path):
 
 
 def test_batch_ramp_pays_initial_bits_for_a_small_batch_only(model):
-    from ddpm_codec.codec import batch_sizes
+    from ddpm_codec.codec import batch_sizes, group_batches
 
     sizes = batch_sizes(2000, 100)
+    assert group_batches([np.zeros((2000, 1, 8, 8), np.uint8)], 100)[0] == sizes
     assert sum(sizes) == 2000 and sizes[0] == 1 and max(sizes) == 100
     assert all(b >= a for a, b in zip(sizes, sizes[1:-1]))
     imgs = [(f"{i}", im) for i, im in enumerate(tiny_images(40, seed=11))]
@@ -353,4 +363,5 @@ def test_bench_codes_ragged_images_in_the_files_units(model):
     out = bench_images(model, imgs, 5, None, 1, 3, with_bound=False, bar=Bar)
     assert out["exact"] and out["tile"] == 8 and out["network_only_s"] > 0
     for phase in ("encode", "decode", "network alone"):
-        assert sum(n for d, n in counted if d == phase) == 4  # 13×11 in 2 × 2 units (8 or 6 a side)
+        # 13×11 in 2 × 2 units (8 or 6 a side), the first two in quarters
+        assert sum(n for d, n in counted if d == phase) == 2 * 4 + 2
