@@ -620,9 +620,13 @@ def info(file, model, as_json):
         emit_json(i)
     else:
         n_steps = i["K"] or len(i["steps"] or [])
+        units = f"tiles {i['tile']}×{i['tile']}"
+        if i["format_version"] == 6:
+            ramp = f", the first {i['ramp']} in quarters" if i["ramp"] else ""
+            units = f"units of up to {i['tile']}×{i['tile']} (even sides{ramp})"
         click.echo(f"{file}: .ddpm version {i['format_version']}, {i['mode']}, model {i['model']}, "
                    f"{len(i['images'])} image(s), {n_steps} steps ({i['spacing']}, {i['schedule']}, T = {i['T']}), "
-                   f"σ² {i['variance']}, tiles {i['tile']}×{i['tile']}, {i['bytes']} bytes (initial bits {i['initial_bits']})")
+                   f"σ² {i['variance']}, {units}, {i['bytes']} bytes (initial bits {i['initial_bits']})")
 
 
 @bench.command("codec")

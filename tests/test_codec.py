@@ -174,6 +174,8 @@ def test_tiles_larger_than_the_model_round_trip(model, tiny_checkpoint, tmp_path
     r = run(["encode", str(p), "-o", str(tmp_path / "b.ddpm"), "--model", str(tiny_checkpoint), "--steps", "5",
              "--tile", str(2 * size)])
     assert r.exit_code == 0, r.output
+    r = run(["info", str(tmp_path / "b.ddpm"), "--model", str(tiny_checkpoint)])
+    assert r.exit_code == 0 and "version 6" in r.output and "units of up to 16×16 (even sides, the first 2 in quarters)" in r.output, r.output
     r = run(["decode", str(tmp_path / "b.ddpm"), "-o", str(tmp_path / "r.png"), "--model", str(tiny_checkpoint)])
     assert r.exit_code == 0, r.output
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "r.png")), ragged[0][1][..., 0])
