@@ -219,13 +219,13 @@ class UnitLayout:
         return [np.ascontiguousarray(f[:h, :w]) for f, (h, w) in zip(full, shapes)]
 
 
-def layout_for(model: LoadedModel, shapes: list[tuple[int, int]], size: int) -> UnitLayout:
-    """The layout a new lossless file uses: even where that differs from padded tiles, and a ramp
-    when the first image is tiled (version 6); else padded tiles (so the file stays version 1 or
-    5, readable by older readers)."""
+def layout_for(model: LoadedModel, shapes: list[tuple[int, int]], size: int, ramp: bool = True) -> UnitLayout:
+    """The layout a new file uses: even where that differs from padded tiles, and (``ramp``:
+    bits-back) a ramp when the first image is tiled (lossless version 6, lossy 7); else padded
+    tiles, so the file keeps the version older readers read."""
     m = tile_multiple(model.config)
     ny, nx = tile_layout(*shapes[0], size)
-    ramp = RAMP_TILES if ny * nx >= 2 * RAMP_TILES and size >= 2 * m else 0
+    ramp = RAMP_TILES if ramp and ny * nx >= 2 * RAMP_TILES and size >= 2 * m else 0
     even = UnitLayout(size, m, True, ramp)
     if not ramp and all(even.cuts(n) == [size] * -(-n // size) for hw in shapes for n in hw):
         return UnitLayout(size, m, False)

@@ -19,8 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ddpm_codec.checkpoint import LoadedModel
-from ddpm_codec.codec import from_units, tile_layout, unit_size
-from ddpm_codec.lossy import decode_lossy, encode_lossy, exact_chain_kl
+from ddpm_codec.lossy import decode_lossy, encode_lossy, exact_chain_kl, recorded_images
 
 from .baselines import grid_of, lossless_table
 
@@ -83,16 +82,9 @@ def rd_report(images: list[tuple[str, np.ndarray]], model: LoadedModel, steps: i
     dims = sum(im.size for im in originals)
     enc = encode_lossy(images, model, steps, index_bits=index_bits, kl_per_chunk=kl_per_chunk, batch=batch,
                        record=True, progress=progress)
-    shapes = [im.shape[:2] for im in originals]
-    size = unit_size(model, shapes)  # as encode_lossy cut them
 
     def to_images(units: np.ndarray) -> list[np.ndarray]:
-        ims, i = [], 0
-        for hh, ww in shapes:
-            ny, nx = tile_layout(hh, ww, size)
-            ims.append(from_units(units[i:i + ny * nx], hh, ww))
-            i += ny * nx
-        return ims
+        return recorded_images(model, images, units)  # as encode_lossy cut them
 
     t_exact = time.perf_counter()
     exact = exact_chain_kl(images, model, steps, batch=batch)

@@ -27,7 +27,10 @@ units, which see across the edges that 32×32 tiles cut (``codec.encode_lossless
 6 is the lossless file whose units are not all square tiles: an image whose side is not a
 multiple of the tile is cut into as many units as tiles, with sides as equal as the network
 allows (``codec.UnitLayout``), instead of padding the last tile; writers use it only for images
-where that differs from version 1 or 5.
+where that differs from version 1 or 5; it may also code a tiled first image's first units as
+quarters (header key "ramp"), so the first whole unit's dip is not paid as initial bits. 7 is the
+lossy file of version 3 or 4 (its header's variance says which) whose units are cut as in 6
+(without a ramp).
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DDPM"
-VERSION = 6  # the highest version this reader knows
+VERSION = 7  # the highest version this reader knows
 LOSSLESS_VERSION = 1
 LOSSLESS_TILED_VERSION = 5  # as 1, with tiles of a size other than the model's
 LOSSLESS_EVEN_VERSION = 6  # as 5, edge units not padded: unit sides split the image evenly (``codec.UnitLayout``)
@@ -48,7 +51,9 @@ LOSSLESS_VERSIONS = (LOSSLESS_VERSION, LOSSLESS_TILED_VERSION, LOSSLESS_EVEN_VER
 LOSSY_VERSION = 2  # chunk counts listed
 LOSSY_PREDICTED_VERSION = 3  # chunk counts as differences from the model's prediction
 LOSSY_LEARNED_VERSION = 4  # as 3, with the learned variance: σ per dimension, chunks balanced by predicted KL
-SEGMENTED_VERSIONS = (LOSSY_VERSION, LOSSY_PREDICTED_VERSION, LOSSY_LEARNED_VERSION)
+LOSSY_EVEN_VERSION = 7  # as 3 or 4 (the header's variance says which; chunk counts listed if the model has no
+# calibration to predict them), units of even sides (``codec.UnitLayout``)
+SEGMENTED_VERSIONS = (LOSSY_VERSION, LOSSY_PREDICTED_VERSION, LOSSY_LEARNED_VERSION, LOSSY_EVEN_VERSION)
 _FIXED = struct.Struct("<4sHI")
 MAX_HEADER = 64 << 20  # decompressed header bytes a reader accepts
 
