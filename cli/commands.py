@@ -183,7 +183,8 @@ def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, ti
     import torch
 
     from ddpm_codec import checkpoint
-    from ddpm_codec.codec import to_units
+    from ddpm_codec.checkpoint import tile_multiple
+    from ddpm_codec.codec import UnitLayout
     from ddpm_codec.data import DataError, load_image, load_source
     from ddpm_codec.diffusion import VarianceType
     from ddpm_codec.eval.nll import BoundMethod, dataset_nll
@@ -196,7 +197,8 @@ def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, ti
         if tile is not None:
             if any(im.shape[0] % size or im.shape[1] % size or im.shape[2] != channels for im in imgs):
                 raise InputError(f"--tile {size}: give images of one channel count whose sides are multiples of it")
-            imgs = [u.transpose(1, 2, 0) for im in imgs for u in to_units(im, size)]
+            cut = UnitLayout(size, tile_multiple(lm.config), even=False)  # (sides are multiples of it)
+            imgs = [u.transpose(1, 2, 0) for im in imgs for g in cut.cut([im]) for u in g]
         if any(im.shape != imgs[0].shape for im in imgs):
             raise InputError("images of different shapes; give images of one shape")
         images = np.stack(imgs)
@@ -396,7 +398,7 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
     from tqdm import tqdm
 
     from ddpm_codec import checkpoint
-    from ddpm_codec.codec import DEFAULT_STEPS, count_tiles, encode_lossless, unit_size
+    from ddpm_codec.codec import DEFAULT_STEPS, count_units, encode_lossless
     from ddpm_codec.data import load_image
     from ddpm_codec.diffusion import VarianceType
 
@@ -437,8 +439,8 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
         return _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bits, kl_per_chunk,
                              force, as_json, spacing)
     shapes = [im.shape[:2] for _, im in loaded]
-    n_units = count_tiles(shapes, unit_size(lm, shapes, tile))
-    with tqdm(total=n_units, file=sys.stderr, unit="tile", disable=as_json and n_units < 2) as bar:
+    n_units = count_units(lm, shapes, tile)
+    with tqdm(total=n_units, file=sys.stderr, unit="unit", disable=as_json and n_units < 2) as bar:
         res = encode_lossless(loaded, lm, K or DEFAULT_STEPS, VarianceType(variance) if variance else None,
                               grid_bits, batch or 100, progress=bar.update, spacing=spacing, tile=tile)
     _write_atomic(out, res.data, force)
@@ -525,7 +527,7 @@ def decode(file, out, model, upto_step, reconstruct, seed, force, as_json):
     """
     from tqdm import tqdm
 
-    from ddpm_codec.codec import count_tiles, decode as run
+    from ddpm_codec.codec import decode as run
     from ddpm_codec.coding.container import read_header, unpack_names
 
     data = file.read_bytes()
@@ -556,8 +558,8 @@ def decode(file, out, model, upto_step, reconstruct, seed, force, as_json):
             click.echo(f"warning: {file} is truncated: decoded {res.segments_read} of {res.segments_in_file} "
                        f"segments, up to step {res.step}", err=True)
     else:
-        tiles = count_tiles([tuple(hw) for hw in header.get("shapes", [])], int(header.get("tile", 1)))
-        with tqdm(total=tiles, file=sys.stderr, unit="tile", disable=as_json) as bar:
+        units = sum(int(n) for n in header.get("batches", []) if isinstance(n, int))
+        with tqdm(total=units, file=sys.stderr, unit="unit", disable=as_json) as bar:
             res = run(data, lm, progress=bar.update)
     if len(paths) > 1:
         paths[0].parent.mkdir(exist_ok=True)

@@ -116,22 +116,6 @@ def count_tiles(shapes: list[tuple[int, int]], size: int) -> int:
     return sum(a * b for a, b in (tile_layout(h, w, size) for h, w in shapes))
 
 
-def to_units(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, C] -> tiles [n, C, size, size], row-major, edges padded by repetition."""
-    h, w, c = image.shape
-    ny, nx = tile_layout(h, w, size)
-    padded = np.pad(image, ((0, ny * size - h), (0, nx * size - w), (0, 0)), mode="edge")
-    t = padded.reshape(ny, size, nx, size, c).transpose(0, 2, 4, 1, 3)
-    return np.ascontiguousarray(t.reshape(ny * nx, c, size, size))
-
-
-def from_units(units: np.ndarray, h: int, w: int) -> np.ndarray:
-    n, c, size, _ = units.shape
-    ny, nx = tile_layout(h, w, size)
-    full = units.reshape(ny, nx, c, size, size).transpose(0, 3, 1, 4, 2).reshape(ny * size, nx * size, c)
-    return np.ascontiguousarray(full[:h, :w])
-
-
 def even_cuts(length: int, size: int, multiple: int) -> list[int]:
     """The even layout's unit sides along one axis of ``length``: as many units as tiles of
     ``size`` would take, each a multiple of ``multiple`` (what the network takes), as equal as
@@ -230,6 +214,12 @@ def layout_for(model: LoadedModel, shapes: list[tuple[int, int]], size: int, ram
     if not ramp and all(even.cuts(n) == [size] * -(-n // size) for hw in shapes for n in hw):
         return UnitLayout(size, m, False)
     return even
+
+
+def count_units(model: LoadedModel, shapes: list[tuple[int, int]], tile: int | None = None) -> int:
+    """Units a new lossless file of images of these (height, width)s codes (progress bars)."""
+    layout = layout_for(model, shapes, unit_size(model, shapes, tile))
+    return sum(len(members) for _, members in layout.groups(shapes))
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from PIL import Image
 
 from ddpm_codec import checkpoint
 from ddpm_codec.cli.main import cli
-from ddpm_codec.codec import DecodeError, decode, encode_lossless, from_units, info, to_units
+from ddpm_codec.codec import DecodeError, UnitLayout, decode, encode_lossless, info
 from ddpm_codec.coding.container import LOSSLESS_EVEN_VERSION, LOSSLESS_TILED_VERSION, VERSION, Container, FormatError
 from ddpm_codec.diffusion import VarianceType
 from conftest import tiny_images
@@ -36,9 +36,10 @@ def calibrated(tiny_checkpoint, tmp_path_factory):
 
 def test_tiles_round_trip():
     im = np.random.default_rng(0).integers(0, 256, (19, 13, 3), dtype=np.uint8)
-    u = to_units(im, 8)
-    assert u.shape == (3 * 2, 3, 8, 8)
-    np.testing.assert_array_equal(from_units(u, 19, 13), im)
+    padded = UnitLayout(8, 2, even=False)
+    (u,) = padded.cut([im])  # one group: 3 × 2 tiles of 8, edges padded by repetition
+    assert u.shape == (3 * 2, 3, 8, 8) and np.array_equal(u[-1, :, -1, -1], im[-1, -1])
+    np.testing.assert_array_equal(padded.paste([u], [(19, 13)], 3)[0], im)
 
 
 def test_even_layout_cuts_as_many_units_as_tiles_with_little_padding():
