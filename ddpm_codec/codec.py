@@ -210,9 +210,9 @@ def layout_for(model: LoadedModel, shapes: list[tuple[int, int]], size: int, ram
     m = tile_multiple(model.config)
     ny, nx = tile_layout(*shapes[0], size)
     ramp = RAMP_TILES if ramp and ny * nx >= 2 * RAMP_TILES and size >= 2 * m else 0
-    even = UnitLayout(size, m, True, ramp)
-    if not ramp and all(even.cuts(n) == [size] * -(-n // size) for hw in shapes for n in hw):
-        return UnitLayout(size, m, False)
+    even, padded = UnitLayout(size, m, True, ramp), UnitLayout(size, m, False)
+    if not ramp and all(even.cuts(n) == padded.cuts(n) for hw in shapes for n in hw):
+        return padded
     return even
 
 

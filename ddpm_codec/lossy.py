@@ -180,20 +180,29 @@ def _u8(x0: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((x0 + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def _layout(model: LoadedModel, shapes: list[tuple[int, int]]) -> UnitLayout:
+    """A new file's unit layout: even sides where padded tiles would pad (version 7); no ramp
+    (that is bits-back's)."""
+    return layout_for(model, shapes, unit_size(model, shapes), ramp=False)
+
+
 def _units(model: LoadedModel, images: list[tuple[str, np.ndarray]]) -> tuple[UnitLayout, list[np.ndarray]]:
-    """The file's unit layout (even sides where padded tiles would pad: version 7) and its units
-    by group, as ``codec.UnitLayout.cut`` (no ramp: that is bits-back's)."""
-    shapes = [im.shape[:2] for _, im in images]
-    layout = layout_for(model, shapes, unit_size(model, shapes), ramp=False)
+    """The file's unit layout and its units by group (``codec.UnitLayout.cut``)."""
+    layout = _layout(model, [im.shape[:2] for _, im in images])
     return layout, layout.cut([im for _, im in images])
+
+
+def paste_flat(layout: UnitLayout, flat: np.ndarray, shapes: list[tuple[int, int]], channels: int) -> list[np.ndarray]:
+    """Values laid out flat over a file's units (group after group) -> the images."""
+    groups = unit_groups(layout, shapes, channels)
+    ends = np.cumsum([int(np.prod(g)) for g in groups])[:-1]
+    return layout.paste([a.reshape(g) for a, g in zip(np.split(flat, ends), groups)], shapes, channels)
 
 
 def recorded_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], flat: np.ndarray) -> list[np.ndarray]:
     """A reconstruction ``encode_lossy(record=True)`` kept (flat, over the file's units) -> the images."""
-    layout, groups = _units(model, images)
-    ends = np.cumsum([g.size for g in groups])[:-1]
-    parts = [a.reshape(g.shape) for a, g in zip(np.split(flat, ends), groups)]
-    return layout.paste(parts, [im.shape[:2] for _, im in images], groups[0].shape[1])
+    shapes = [im.shape[:2] for _, im in images]
+    return paste_flat(_layout(model, shapes), flat, shapes, images[0][1].shape[2])
 
 
 def _shapes(h: dict) -> list[tuple[int, int]]:
@@ -697,7 +706,7 @@ def decode_lossy(
         if isinstance(e, (DecodeError, FormatError)):
             raise
         raise DecodeError(f"the payload does not decode ({e})") from None
-    images = list(zip(names, cut.paste(chain.split(u), shapes, C)))
+    images = list(zip(names, paste_flat(cut, u, shapes, C)))
     want_digest = str(h["pixels_sha256"])
     if exact and (len(want_digest) < DIGEST_HEX_V3 or not pixels_digest([im for _, im in images]).startswith(want_digest)):
         raise DecodeError("decoded pixels do not match the original's checksum; nothing was written")
