@@ -134,6 +134,17 @@ def _check_writable(out: Path, force: bool) -> None:
         raise InputError(f"{out.parent} does not exist")
 
 
+def flips_option():
+    """--flips: the network as a flip ensemble (``diffusion.FlipEnsemble``)."""
+    return click.option(
+        "--flips", type=click.Choice(["none", "h", "hv"]), default=None,
+        help="Run the network as a flip ensemble: its outputs averaged over the input and its left–right "
+             "mirror (h: 2× the network's time) or all four flips (hv: 4×). Lowers every term of the bound "
+             "(photos: −0.02 bits/dim with h, −0.04 with hv on held-out crops). Default: the model's (its card "
+             "says; none for the grey models). Files that use it are format version 8 "
+             "(lossless) or 9 (lossy).")
+
+
 def _tile_option(tile: int | None, lm) -> int:
     """--tile checked against the model (one line on error); None: the model's image size."""
     from ddpm_codec.codec import check_tile
@@ -169,9 +180,10 @@ def _tile_option(tile: int | None, lm) -> int:
 @click.option("--tile", type=click.IntRange(min=1), default=None,
               help="Units of TILE × TILE (as encode --tile): crops of that size from a photo source, or image "
                    "files cut into tiles (their sides multiples of TILE). Default: the model's size.")
+@flips_option()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
-def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, tile, as_json):
+def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, tile, flips, as_json):
     """Bits/dim of images through the variational bound L_T + Σ L_{t-1} + L_0.
 
     INPUTS are image files, or one data source (mnist:test, fashion-mnist:test,
@@ -221,7 +233,7 @@ def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, ti
     var = VarianceType(variance) if variance else lm.default_variance()
     try:
         res = dataset_nll(lm, images, sched, torch.Generator().manual_seed(seed), BoundMethod(method),
-                          var, batch=batch, samples=samples)
+                          var, batch=batch, samples=samples, flips=flips)
     except ValueError as e:
         raise DataError(str(e)) from None
     if as_json:
@@ -334,6 +346,7 @@ def _png_bytes(arr: np.ndarray) -> bytes:
 AUTO_CHANNEL_BELOW = 49_152
 
 
+
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -377,11 +390,12 @@ AUTO_CHANNEL_BELOW = 49_152
                    "larger unit sees across the edges smaller tiles cut (format version 5). A side that is not a "
                    "multiple of it is cut into as many units of nearly equal sides instead of padding the last "
                    "(version 6).")
+@flips_option()
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
 def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, rate, stop_step, index_bits,
-           kl_per_chunk, method, tile, force, as_json):
+           kl_per_chunk, method, tile, flips, force, as_json):
     """Compress images into one .ddpm file: lossless or, with --lossy, progressive.
 
     Lossless files are exact either way; --method says how (bits-back ANS, or
@@ -437,12 +451,12 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
         method = "channel" if dims < AUTO_CHANNEL_BELOW and grid_bits is None and tile is None else "bits-back"
     if lossy or method == "channel":
         return _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bits, kl_per_chunk,
-                             force, as_json, spacing)
+                             force, as_json, spacing, flips)
     shapes = [im.shape[:2] for _, im in loaded]
     n_units = count_units(lm, shapes, tile)
     with tqdm(total=n_units, file=sys.stderr, unit="unit", disable=as_json and n_units < 2) as bar:
         res = encode_lossless(loaded, lm, K or DEFAULT_STEPS, VarianceType(variance) if variance else None,
-                              grid_bits, batch or 100, progress=bar.update, spacing=spacing, tile=tile)
+                              grid_bits, batch or 100, progress=bar.update, spacing=spacing, tile=tile, flips=flips)
     _write_atomic(out, res.data, force)
     summary = {"file": str(out), "bytes": len(res.data), "bits_per_dim": res.bits_per_dim, "mode": "lossless",
                "method": "bits-back", "initial_bits": res.initial_bits, "dims": res.dims, "images": len(loaded), "steps": K or DEFAULT_STEPS,
@@ -455,7 +469,7 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
 
 
 def _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bits, kl_per_chunk, force, as_json,
-                  spacing=None):
+                  spacing=None, flips=None):
     from tqdm import tqdm
 
     from ddpm_codec.coding.channel import DEFAULT_INDEX_BITS, DEFAULT_KL_PER_CHUNK
@@ -471,7 +485,7 @@ def _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bi
     with tqdm(total=K + 1, file=sys.stderr, unit="step", disable=as_json) as bar:
         res = encode_lossy(loaded, lm, K, VarianceType(variance) if variance else None, stop_step=stop_step,
                            rate=rate, index_bits=bits, kl_per_chunk=kpc, batch=batch or DEFAULT_LOSSY_BATCH,
-                           spacing=spacing, progress=bar.update)
+                           spacing=spacing, progress=bar.update, flips=flips)
     _write_atomic(out, res.data, force)
     last = res.segments[-1].step
     kl = sum(s.kl_bits for s in res.segments) / res.dims
@@ -607,7 +621,7 @@ def info(file, model, as_json):
         segs = i["segments"]
         click.echo(f"{file}: .ddpm version {i['format_version']}, lossy (progressive), model {i['model']}, "
                    f"{len(i['images'])} image(s), {i['K']}-step chain ({i['spacing']} steps, {i['schedule']}, "
-                   f"T = {i['T']}), "
+                   f"T = {i['T']}), " + (f"flips {i['flips']}, " if i["flips"] != "none" else "") +
                    f"{len(segs) if segs is not None else '?'} segments{tail}, {i['bytes']} bytes"
                    f"{' (TRUNCATED)' if i['truncated'] else ''}")
         if segs is None:
@@ -623,12 +637,13 @@ def info(file, model, as_json):
     else:
         n_steps = i["K"] or len(i["steps"] or [])
         units = f"tiles {i['tile']}×{i['tile']}"
-        if i["format_version"] == 6:
+        if i["format_version"] in (6, 8):
             ramp = f", the first {i['ramp']} in quarters" if i["ramp"] else ""
             units = f"units of up to {i['tile']}×{i['tile']} (even sides{ramp})"
         click.echo(f"{file}: .ddpm version {i['format_version']}, {i['mode']}, model {i['model']}, "
                    f"{len(i['images'])} image(s), {n_steps} steps ({i['spacing']}, {i['schedule']}, T = {i['T']}), "
-                   f"σ² {i['variance']}, {units}, {i['bytes']} bytes (initial bits {i['initial_bits']})")
+                   f"σ² {i['variance']}, {units}, " + (f"flips {i['flips']}, " if i["flips"] != "none" else "")
+                   + f"{i['bytes']} bytes (initial bits {i['initial_bits']})")
 
 
 @bench.command("codec")
@@ -648,8 +663,10 @@ def info(file, model, as_json):
               help="Skip timing the network by itself (a third of the run's time).")
 @click.option("--tile", "tiles", default=None,
               help="Comma-separated tile sides to measure (as encode --tile; default: the model's size).")
+@flips_option()
 @user_errors
-def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_bound, spacing, no_network_alone, tiles):
+def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_bound, spacing, no_network_alone, tiles,
+                flips):
     """Coded bits/dim against the bound of the same K-step chain, initial bits, and time
     (encode and decode, network and coder apart, and the network alone). JSON lines."""
     from ddpm_codec import checkpoint
@@ -670,9 +687,9 @@ def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_boun
         r = bench_images(lm, images, K, VarianceType(variance) if variance else None, b, batch, not no_bound,
                          spacing, bar=lambda desc, total: tqdm(total=total, desc=f"K={K} b={b} {desc}",
                                                                file=sys.stderr, unit="tile"),
-                         network_alone=not no_network_alone, tile=tile)
+                         network_alone=not no_network_alone, tile=tile, flips=flips)
         r["model"] = lm.model_id
-        click.echo(f"K={K} b={b} tile {r['tile']}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
+        click.echo(f"K={K} b={b} tile {r['tile']} flips {r['flips']}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
                    + (f", bound {r['bound_bits_per_dim']:.4f} (×{r['net_over_bound']:.3f})" if "bound_bits_per_dim" in r else "")
                    + f", initial {r['initial_bits_per_dim']:.3f} bpd, encode {r['encode_s']:.1f}s"
                    + (f" (network alone {r['network_only_s']:.1f}s)" if r["network_only_s"] else "")
@@ -723,9 +740,10 @@ def bench_fuzz(model, n, K, seed, lossy):
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Tiles per network batch (default 256).")
 @click.option("--title", default="", help="Title for the report and plots.")
 @click.option("--force", is_flag=True, help="Write into a report directory that already has a report.")
+@flips_option()
 @click.option("--json", "as_json", is_flag=True, help="The report's summary as one JSON object on stdout.")
 @user_errors
-def rd(inputs, report_dir, model, n, K, index_bits, kl_per_chunk, batch, title, force, as_json):
+def rd(inputs, report_dir, model, n, K, index_bits, kl_per_chunk, batch, title, flips, force, as_json):
     """Rate–distortion report of progressive lossy coding over reverse time.
 
     One real progressive file of INPUTS (image files, or one source such as
@@ -769,7 +787,7 @@ def rd(inputs, report_dir, model, n, K, index_bits, kl_per_chunk, batch, title, 
     K = K or DEFAULT_LOSSY_STEPS
     with tqdm(total=K + 1, file=sys.stderr, unit="step", disable=as_json) as bar:
         rep = rd_report(images, lm, K, report_dir, bits, kpc, batch or DEFAULT_LOSSY_BATCH, title,
-                        progress=bar.update)
+                        progress=bar.update, flips=flips)
     s = rep["summary"]
     if as_json:
         emit_json(s)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .diffusion import VarianceType, model_variance
+from .diffusion import FLIPS, VarianceType, ensemble, model_variance
 from .nets.unet import UNet, UNetConfig
 from .schedule import Schedule, optimal_steps, schedule_from_spec
 
@@ -60,6 +60,7 @@ class LoadedModel:
     x0_mse: np.ndarray | None = None  # e(t), t = 0 … T: see VarianceType.CALIBRATED
     var_base: np.ndarray | None = None  # the e(t) a learned variance was trained against (VarianceType.LEARNED)
     tile: int | None = None  # the units the codec cuts larger images into, if not image_size (measured: export's)
+    flips: str = "none"  # the flip ensemble the codec runs the network as by default (``diffusion.FLIPS``; export's)
     _optimal: dict = field(default_factory=dict, repr=False)  # K -> chain of optimal steps
 
     def default_variance(self) -> VarianceType:
@@ -124,6 +125,11 @@ class LoadedModel:
     def image_size(self) -> int:
         return self.config.image_size
 
+    def network(self, flips: str | None = None):
+        """The network as the codec runs it: the EMA weights, or their flip ensemble (``flips``;
+        None: the model's default)."""
+        return ensemble(self.net, self.flips if flips is None else flips)
+
     @property
     def unit(self) -> int:
         """The side of the units larger images are cut into by default (``codec.unit_size``)."""
@@ -177,7 +183,7 @@ def load(path: str | os.PathLike) -> LoadedModel:
                        path=Path(path), train=dict(ck.get("train", {})),
                        x0_mse=None if cal is None else np.asarray(cal["x0_mse"], dtype=np.float64),
                        var_base=None if base is None else np.asarray(base["x0_mse"], dtype=np.float64),
-                       tile=_tile(ck.get("tile"), cfg, path))
+                       tile=_tile(ck.get("tile"), cfg, path), flips=_flips(ck.get("flips", "none"), path))
 
 
 MAX_TILE = 512  # largest unit side a model codes (one unit's activations grow with its area)
@@ -197,6 +203,12 @@ def _tile(tile, cfg: UNetConfig, path) -> int | None:
     if tile is not None and not takes_tile(tile, cfg):
         raise CheckpointError(f"{path}: bad default tile {tile!r}")
     return tile
+
+
+def _flips(flips, path) -> str:
+    if flips not in FLIPS:
+        raise CheckpointError(f"{path}: bad default flips {flips!r}")
+    return flips
 
 
 def shipped_models() -> dict[str, Path]:
@@ -236,16 +248,20 @@ def calibrate(path: str | os.PathLike, images_u8: np.ndarray, gen: torch.Generat
     return load(out or path)
 
 
-def export(src: str | os.PathLike, dst: str | os.PathLike, tile: int | None = None) -> LoadedModel:
+def export(src: str | os.PathLike, dst: str | os.PathLike, tile: int | None = None,
+           flips: str | None = None) -> LoadedModel:
     """A shippable copy of a checkpoint: EMA weights, config, schedule, calibration and training
     metadata; no raw weights, optimizer or RNG state (so it cannot be resumed). Same model id.
     ``tile``: the units the codec cuts larger images into by default, when a size other than the
     training crops' measured better (the network is fully convolutional); not part of the id,
-    since files name their tile."""
+    since files name their tile. ``flips``: the flip ensemble the codec runs by default
+    (``diffusion.FlipEnsemble``), likewise named by the files that use it."""
     ck = read(src)
     keep = {k: ck[k] for k in ("net_config", "schedule", "ema", "train", "calibration", "var_base") if k in ck}
     if tile is not None:
         keep["tile"] = int(tile)
+    if flips not in (None, "none"):
+        keep["flips"] = _flips(flips, dst)
     keep["train"] = {k: v for k, v in keep.get("train", {}).items() if k != "losses"}
     save(dst, keep)
     out = load(dst)

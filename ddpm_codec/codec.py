@@ -25,7 +25,8 @@ import torch
 from . import __version__
 from .checkpoint import MAX_TILE, LoadedModel, takes_tile, tile_multiple
 from .coding.bitsback import ChainCoder
-from .coding.container import LOSSLESS_EVEN_VERSION, LOSSLESS_TILED_VERSION, LOSSLESS_VERSION, Container, FormatError, pack_names, unpack_names
+from .coding.container import (LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION, LOSSLESS_TILED_VERSION, LOSSLESS_VERSION, Container,
+                               FormatError, header_flips, pack_names, unpack_names)
 from .coding.entropy import Stack
 from .diffusion import VarianceType
 from .schedule import schedule_from_spec
@@ -318,12 +319,16 @@ def encode_lossless(
     first_batch: int = 1,
     spacing: str | None = None,
     tile: int | None = None,
+    flips: str | None = None,
 ) -> EncodeResult:
     """Encode named uint8 images [H, W, C] (C = the model's channels) into one .ddpm file.
     ``var_type`` None: the calibrated variance if the model has it, else β̃. ``spacing``: of the
     K steps (``LoadedModel.chain``; default optimal for a calibrated model). ``tile``: the units'
-    side (default ``unit_size``'s; a size other than the model's writes format version 5)."""
+    side (default ``unit_size``'s; a size other than the model's writes format version 5).
+    ``flips``: the network's flip ensemble (``diffusion.FlipEnsemble``; default the model's; one
+    writes format version 8)."""
     t0 = time.perf_counter()
+    flips = model.flips if flips is None else flips
     if var_type is None:
         var_type = model.default_variance()
     if grid_bits is None:
@@ -337,7 +342,7 @@ def encode_lossless(
     layout = layout_for(model, shapes, size)
     groups = layout.cut([im for _, im in images])
     sched = model.chain(steps, spacing)
-    timed = _TimedNet(model.net)
+    timed = _TimedNet(model.network(flips))
     coder = ChainCoder(timed, sched, model.variance(sched, var_type), grid_bits)
     threads = torch.get_num_threads()
     sizes, spans = group_batches(groups, batch, first_batch)
@@ -373,13 +378,14 @@ def encode_lossless(
         "threads": threads,
         "tile": size,
         **({"ramp": layout.ramp} if layout.ramp else {}),
+        **({"flips": flips} if flips != "none" else {}),
         "channels": C,
         "names": pack_names([name for name, _ in images]),
         "shapes": [[int(im.shape[0]), int(im.shape[1])] for _, im in images],
         "seed_words": {"count": n_seed, "dropped": dropped},
         "pixels_sha256": pixels_digest([im for _, im in images]),
     }
-    version = (LOSSLESS_EVEN_VERSION if layout.even else
+    version = (LOSSLESS_FLIPS_VERSION if flips != "none" else LOSSLESS_EVEN_VERSION if layout.even else
                LOSSLESS_VERSION if size == model.image_size else LOSSLESS_TILED_VERSION)
     data = Container(header, payload, version).to_bytes()
     dims = sum(im.size for _, im in images)
@@ -405,6 +411,7 @@ def info(data: bytes, model: LoadedModel | None = None) -> dict:
             "spacing": h["schedule"].get("spacing", "listed"),
             "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
             "variance": h["variance"], "grid_bits": h["grid_bits"], "tile": h["tile"], "ramp": h.get("ramp", 0),
+            "flips": header_flips(h, LOSSLESS_FLIPS_VERSION),
             "bytes": len(data),
             "payload_words": h["payload_words"], "initial_bits": 32 * (h["seed_words"]["count"] -
                                                                          h["seed_words"]["dropped"])}
@@ -423,12 +430,14 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         size, C = int(h["tile"]), int(h["channels"])
         if C != model.channels:
             raise DecodeError("the file's tile shape does not fit the model")
-        even = c.version == LOSSLESS_EVEN_VERSION
+        even = c.version in (LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION)
+        flips = header_flips(h, LOSSLESS_FLIPS_VERSION)
         if not even and (size != model.image_size) != (c.version == LOSSLESS_TILED_VERSION):
             raise FormatError(f"header: tile {size} in a version-{c.version} file")
         check_tile(size, model)
         sched = model.chain_from_spec(h["schedule"])
-        coder = ChainCoder(model.net, sched, model.variance(sched, VarianceType(h["variance"])), int(h["grid_bits"]))
+        coder = ChainCoder(model.network(flips), sched, model.variance(sched, VarianceType(h["variance"])),
+                           int(h["grid_bits"]))
         shapes = [(int(a), int(b)) for a, b in h["shapes"]]
         names = unpack_names(h["names"])
         if len(names) != len(shapes):

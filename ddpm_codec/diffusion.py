@@ -77,6 +77,39 @@ def eps_of(net: "EpsNet", x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return split_output(net(x, t), x.shape[1])[0]
 
 
+# Flip ensembles: the flips (tensor dims of [B, C, H, W]) the network also runs on, beside x itself.
+FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {"none": (), "h": ((3,),), "hv": ((3,), (2,), (2, 3))}
+
+
+class FlipEnsemble(torch.nn.Module):
+    """The network's outputs (ε and s alike) averaged over its input and flipped copies of it,
+    each output flipped back: a test-time ensemble that lowers the x̂_0 error at every step, so
+    every term of the bound, at 2× ("h": left–right) or 4× ("hv": and upside down) the network's
+    time. The average is equivariant to the flips (bit for bit for h: its two terms swap, and IEEE
+    addition commutes). Measured
+    on the four held-out 256×256 photo crops in 64×64 units, ``photos``, K = 100, same noise:
+    bound 3.8654 → 3.8430 (h) → 3.8235 (hv), every photo lower (/work/sim/tta.py)."""
+
+    def __init__(self, net, flips: str):
+        super().__init__()
+        if flips not in FLIPS:
+            raise ValueError(f"unknown flips {flips!r}; choose one of {', '.join(FLIPS)}")
+        self.net, self.flips = net, flips
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.net(x, t)
+        for dims in FLIPS[self.flips]:
+            out = out + torch.flip(self.net(torch.flip(x, dims), t), dims)
+        return out / (1 + len(FLIPS[self.flips])) if FLIPS[self.flips] else out
+
+
+def ensemble(net, flips: str | None):
+    """``net`` itself for no flips, else its ``FlipEnsemble``."""
+    if flips in (None, "none"):
+        return net
+    return FlipEnsemble(net, flips)
+
+
 def at(table: np.ndarray, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``table[k]`` as a tensor broadcastable against ``like`` ([B] -> [B, 1, 1, 1])."""
     vals = torch.from_numpy(np.asarray(table, dtype=np.float64)[k.cpu().numpy()]).to(like.dtype)

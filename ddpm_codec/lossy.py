@@ -50,7 +50,7 @@ from .codec import (DecodeError, Mode, UnitLayout, _TimedNet, check_tile, layout
 from .coding.bitsback import PIXEL_CHUNK, pixel_probs
 from .coding.channel import (DEFAULT_INDEX_BITS, DEFAULT_KL_PER_CHUNK, DEFAULT_LAYOUT, LAYOUTS, StepChannel, chunk_count, kl_bits,
                              pack_indices, packed_bytes, unpack_indices)
-from .coding.container import (LOSSY_EVEN_VERSION, LOSSY_LEARNED_VERSION, LOSSY_PREDICTED_VERSION, LOSSY_VERSION, FormatError,
+from .coding.container import (LOSSY_EVEN_VERSION, LOSSY_FLIPS_VERSION, header_flips, LOSSY_LEARNED_VERSION, LOSSY_PREDICTED_VERSION, LOSSY_VERSION, FormatError,
                                pack_names, pack_segments, unpack_names, unpack_segments)
 from .coding.entropy import Stack
 from .diffusion import LearnedVariance, VarianceType, ddim_sample, p_step, sample
@@ -210,8 +210,8 @@ def _shapes(h: dict) -> list[tuple[int, int]]:
 
 
 def file_layout(h: dict, model: LoadedModel) -> UnitLayout:
-    """The unit layout a lossy file's header names (even sides in version 7, padded tiles before)."""
-    return UnitLayout(int(h["tile"]), tile_multiple(model.config), h["_version"] == LOSSY_EVEN_VERSION)
+    """The unit layout a lossy file's header names (even sides in versions 7 and 9, padded tiles before)."""
+    return UnitLayout(int(h["tile"]), tile_multiple(model.config), h["_version"] in (LOSSY_EVEN_VERSION, LOSSY_FLIPS_VERSION))
 
 
 def unit_groups(layout: UnitLayout, shapes: list[tuple[int, int]], channels: int) -> list[tuple[int, ...]]:
@@ -299,12 +299,15 @@ def encode_lossy(
     layout: str = DEFAULT_LAYOUT,
     record: bool = False,
     progress: Callable[[int], None] | None = None,
+    flips: str | None = None,
 ) -> LossyEncodeResult:
     """Encode named uint8 images [H, W, C] progressively. ``stop_step`` t: end the file with x_t
     (the smallest chain step ≥ t; 0 or None: the whole chain and the lossless tail). ``rate`` R:
     keep the longest prefix of segments whose file is at most R bits/dim (at least segment 0).
-    ``record``: keep each segment's reconstruction x̂_0(x_t) (for rate–distortion reports)."""
+    ``record``: keep each segment's reconstruction x̂_0(x_t) (for rate–distortion reports).
+    ``flips``: the network's flip ensemble (default the model's; one writes format version 9)."""
     t0 = time.perf_counter()
+    flips = model.flips if flips is None else flips
     var_type = _lossy_variance(model, var_type)
     if not 1 <= index_bits <= MAX_INDEX_BITS:
         raise ValueError(f"index bits must be in 1..{MAX_INDEX_BITS}")
@@ -321,7 +324,7 @@ def encode_lossy(
     K = sched.K
     k_stop = 0 if not stop_step else _chain_index(sched, int(stop_step))
     var = model.variance(sched, var_type)
-    timed = _TimedNet(model.net)
+    timed = _TimedNet(model.network(flips))
     chain = _Chain(timed, sched, var, [g.shape for g in groups], batch)
     threads = torch.get_num_threads()
     digest = pixels_digest([im for _, im in images])
@@ -338,6 +341,8 @@ def encode_lossy(
     }
     if layout != "rows":  # files before the window layout have no key: rows
         header["candidates"] = layout
+    if flips != "none":
+        header["flips"] = flips
     counts = ChunkCounts.of(model, sched, x0.size, kl_per_chunk)
     if counts is not None:
         header["kl_per_chunk"] = kl_per_chunk
@@ -358,7 +363,7 @@ def encode_lossy(
         n = sum(1 for s in segs if s.step > 0)
         checks = "".join(_check(b) for b in bodies if b)
         h = dict(header, tail=tail)
-        if counts is None and not chain.learned and not cut.even:
+        if counts is None and not chain.learned and not cut.even and flips == "none":
             h.update(chunks=[s.chunks for s in segs if s.step > 0], checks=checks)
             return pack_segments(h, b"".join(bodies), LOSSY_VERSION)
         if counts is None:  # (a model not calibrated: counts listed, in a version-4 or -7 file)
@@ -366,7 +371,7 @@ def encode_lossy(
         else:
             h.update(chunks_vs_expected=residuals[:n])
         h.update(checks=base64.b64encode(bytes.fromhex(checks)).decode("ascii"), pixels_sha256=digest[:DIGEST_HEX_V3])
-        version = (LOSSY_EVEN_VERSION if cut.even else
+        version = (LOSSY_FLIPS_VERSION if flips != "none" else LOSSY_EVEN_VERSION if cut.even else
                    LOSSY_LEARNED_VERSION if chain.learned else LOSSY_PREDICTED_VERSION)
         return pack_segments(h, b"".join(bodies), version)
 
@@ -450,6 +455,7 @@ def exact_chain_kl(
     spacing: str | None = None,
     batch: int = DEFAULT_LOSSY_BATCH,
     seed: int = 0,
+    flips: str | None = None,
 ) -> list[float]:
     """The rate the paper computes (its Table 4): per segment of ``encode_lossy``'s file, the KL
     in bits with x_t drawn exactly from q (not through the channel): KL(q(x_T|x_0) ‖ N(0, I)),
@@ -461,7 +467,7 @@ def exact_chain_kl(
     sched = model.chain(steps, spacing)
     K = sched.K
     var = model.variance(sched, var_type)
-    chain = _Chain(model.net, sched, var, [g.shape for g in groups], batch)
+    chain = _Chain(model.network(flips), sched, var, [g.shape for g in groups], batch)
     rng = np.random.default_rng(seed)
     x0 = units.astype(np.float64) * (2.0 / 255.0) - 1.0
     ab = sched.alpha_bar[K]
@@ -593,6 +599,7 @@ def lossy_info(data: bytes, model: LoadedModel | None = None) -> dict:
         "steps": p.sched.steps if p.sched is not None else None, "K": h["schedule"].get("K", p.sched.K if p.sched is not None else None),
         "spacing": h["schedule"].get("spacing", "listed"), "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
         "variance": h["variance"], "index_bits": h["index_bits"], "bytes": len(data),
+        "flips": header_flips(h, LOSSY_FLIPS_VERSION),
         "segments": rows if p.sizes is not None else None,  # None: its chunk counts need the model
         "lossless_tail": bool(h["tail"]), "truncated": not p.complete_file,
     }
@@ -629,7 +636,8 @@ def decode_lossy(
             raise FormatError(f"header: unknown candidate layout {layout!r}")
         threads, batch = int(h["threads"]), int(h["batch"])
         var_type = VarianceType(h["variance"])
-        if h["_version"] != LOSSY_EVEN_VERSION and (var_type is VarianceType.LEARNED) != (h["_version"] == LOSSY_LEARNED_VERSION):
+        flips = header_flips(h, LOSSY_FLIPS_VERSION)
+        if h["_version"] not in (LOSSY_EVEN_VERSION, LOSSY_FLIPS_VERSION) and (var_type is VarianceType.LEARNED) != (h["_version"] == LOSSY_LEARNED_VERSION):
             raise FormatError(f"header: variance {var_type.value} in a version-{h['_version']} file")
         var = model.variance(p.sched, var_type)
         tail_scale = float(h["tail_scale"]) if h["tail"] else 1.0
@@ -656,7 +664,8 @@ def decode_lossy(
         t = int(upto_step)
         want = min(whole, 1 + sum(1 for s in p.steps[1:] if s >= t)) if t > 0 else whole
     sched, K = p.sched, p.sched.K
-    chain = _Chain(model.net, sched, var, groups, batch)
+    net = model.network(flips)
+    chain = _Chain(net, sched, var, groups, batch)
     D = chain.size
     exact = False
     try:
@@ -698,9 +707,9 @@ def decode_lossy(
                     for g, a, b, xb in chain.batches(x):
                         kw = dict(x_start=torch.from_numpy(np.ascontiguousarray(xb)), from_k=k)
                         if reconstruct is Reconstruct.SAMPLE:
-                            outs.append(sample(model.net, sched, xb.shape, gen, var, **kw))
+                            outs.append(sample(net, sched, xb.shape, gen, var, **kw))
                         else:
-                            outs.append(ddim_sample(model.net, sched, xb.shape, gen, **kw))
+                            outs.append(ddim_sample(net, sched, xb.shape, gen, **kw))
                     u = _u8(np.concatenate([o.to(torch.float64).numpy().reshape(-1) for o in outs]))
     except ValueError as e:
         if isinstance(e, (DecodeError, FormatError)):

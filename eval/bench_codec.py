@@ -25,17 +25,18 @@ def _no_bar(desc: str, total: int) -> _NoBar:
 
 
 def network_only_seconds(model: LoadedModel, groups: list[np.ndarray], K: int, batch: int,
-                         progress: Callable[[int], None] | None = None) -> float:
+                         progress: Callable[[int], None] | None = None, flips: str | None = None) -> float:
     """The network alone over the same batches (``groups``: the file's units, by shape) and steps
     the coder runs (random inputs)."""
     gen = torch.Generator().manual_seed(0)
     _, spans = group_batches(groups, batch)
+    net = model.network(flips)
     t0 = time.perf_counter()
     with torch.no_grad():
         for g, a, b in spans:
             x = torch.randn((b - a, *groups[g].shape[1:]), generator=gen)
             for k in range(K, 0, -1):
-                model.net(x, torch.full((x.shape[0],), float(k)))
+                net(x, torch.full((x.shape[0],), float(k)))
             if progress:
                 progress(b - a)
     return time.perf_counter() - t0
@@ -44,17 +45,18 @@ def network_only_seconds(model: LoadedModel, groups: list[np.ndarray], K: int, b
 def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: int,
                  var_type: VarianceType | None, grid_bits: int, batch: int, with_bound: bool = True,
                  spacing: str | None = None, bar: Callable = _no_bar, network_alone: bool = True,
-                 tile: int | None = None) -> dict:
+                 tile: int | None = None, flips: str | None = None) -> dict:
     """``bar(desc, total)``: a progress bar (a context manager with ``update(n)``) for each phase,
     counted in tiles. ``network_alone=False`` skips timing the network by itself (a third of the
-    run's time); its keys are then None. ``tile``: as ``encode_lossless``'s."""
+    run's time); its keys are then None. ``tile``, ``flips``: as ``encode_lossless``'s."""
+    flips = model.flips if flips is None else flips
     shapes = [im.shape[:2] for _, im in images]
     tile = unit_size(model, shapes, tile)
     groups = layout_for(model, shapes, tile).cut([im for _, im in images])
     n_units = sum(len(g) for g in groups)
     with bar("encode", n_units) as pb:
         res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing, progress=pb.update,
-                              tile=tile)
+                              tile=tile, flips=flips)
     t0 = time.perf_counter()
     with bar("decode", n_units) as pb:
         dec = decode(res.data, model, progress=pb.update)
@@ -63,10 +65,10 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
     net_only = None
     if network_alone:
         with bar("network alone", n_units) as pb:
-            net_only = network_only_seconds(model, groups, K, batch, pb.update)
+            net_only = network_only_seconds(model, groups, K, batch, pb.update, flips)
     payload_bits = 8 * (len(res.data) - res.header_bytes) - res.initial_bits
     out = {
-        "images": len(images), "dims": res.dims, "steps": K, "tile": tile, "variance": res.variance, "grid_bits": grid_bits,
+        "images": len(images), "dims": res.dims, "steps": K, "tile": tile, "flips": flips, "variance": res.variance, "grid_bits": grid_bits,
         "spacing": spacing or ("optimal" if model.x0_mse is not None else "even"),
         "batch": batch, "bytes": len(res.data), "bits_per_dim": res.bits_per_dim,
         "initial_bits": res.initial_bits, "initial_bits_per_dim": res.initial_bits / res.dims,
@@ -84,7 +86,7 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
         x0 = to_model_space(np.stack([im for _, im in images]))
         var = model.variance(sched, VarianceType(res.variance))
         with torch.no_grad():
-            b = torch.cat([bound_full(model.net, sched, x0[i:i + batch], torch.Generator().manual_seed(i), var).total
+            b = torch.cat([bound_full(model.network(flips), sched, x0[i:i + batch], torch.Generator().manual_seed(i), var).total
                            for i in range(0, len(x0), batch)])
         out["bound_bits_per_dim"] = float(b.mean())
         out["net_over_bound"] = out["net_bits_per_dim"] / out["bound_bits_per_dim"]

@@ -34,6 +34,7 @@ class NllResult:
     variance: str
     model: str
     seconds: float
+    flips: str = "none"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -49,10 +50,11 @@ def dataset_nll(
     batch: int = 250,
     samples: int = 1,
     progress: bool = True,
+    flips: str | None = None,
 ) -> NllResult:
     """The bound of the K-step chain ``sched`` on uint8 images [N, H, W, C], in bits/dim. H = W is
     the model's image size or another tile size it takes (``codec.check_tile``: the network is
-    fully convolutional)."""
+    fully convolutional). ``flips``: the network's flip ensemble (default the model's)."""
     from ddpm_codec.checkpoint import takes_tile
 
     h, w, c = images.shape[1:]
@@ -60,6 +62,7 @@ def dataset_nll(
         raise ValueError(f"images are {h}×{w}×{c} but the model takes "
                          f"{model.image_size}×{model.image_size}×{model.channels}")
     variance = model.variance(sched, var_type)
+    net = model.network(flips)
     n = len(images)
     per_image = sched.K if method is BoundMethod.FULL else samples
     bar = tqdm(total=n * per_image, disable=not progress, file=sys.stderr, unit="img·step",
@@ -70,9 +73,9 @@ def dataset_nll(
         for i in range(0, n, batch):
             x0 = to_model_space(images[i:i + batch]).contiguous(memory_format=torch.channels_last)
             if method is BoundMethod.FULL:
-                terms = bound_full(model.net, sched, x0, gen, variance, progress=bar.update)
+                terms = bound_full(net, sched, x0, gen, variance, progress=bar.update)
             else:
-                terms = bound_mc(model.net, sched, x0, gen, samples, variance, progress=bar.update)
+                terms = bound_mc(net, sched, x0, gen, samples, variance, progress=bar.update)
             parts.append(torch.stack([terms.prior, terms.diffusion, terms.decoder], 1))
     bar.close()
     t = torch.cat(parts)  # [N, 3] bits/dim
@@ -83,5 +86,5 @@ def dataset_nll(
         terms={"prior": mean[0], "diffusion": mean[1], "decoder": mean[2]},
         stderr=float(total.std() / math.sqrt(n)) if n > 1 else float("nan"),
         n=n, steps=sched.K, method=method.value, variance=var_type.value, model=model.model_id,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, flips=model.flips if flips is None else flips,
     )

@@ -76,18 +76,18 @@ def classic_curves(images: list[np.ndarray]) -> dict:
 
 def rd_report(images: list[tuple[str, np.ndarray]], model: LoadedModel, steps: int, out_dir: Path,
               index_bits: int, kl_per_chunk: float, batch: int, title: str = "",
-              progress=None) -> dict:
+              progress=None, flips: str | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     originals = [im for _, im in images]
     dims = sum(im.size for im in originals)
     enc = encode_lossy(images, model, steps, index_bits=index_bits, kl_per_chunk=kl_per_chunk, batch=batch,
-                       record=True, progress=progress)
+                       record=True, progress=progress, flips=flips)
 
     def to_images(units: np.ndarray) -> list[np.ndarray]:
         return recorded_images(model, images, units)  # as encode_lossy cut them
 
     t_exact = time.perf_counter()
-    exact = exact_chain_kl(images, model, steps, batch=batch)
+    exact = exact_chain_kl(images, model, steps, batch=batch, flips=flips)
     t_exact = time.perf_counter() - t_exact
     rows, cum_bytes, cum_kl, cum_exact = [], enc.header_bytes, 0.0, 0.0
     K = len(enc.segments) - 1

@@ -30,7 +30,9 @@ allows (``codec.UnitLayout``), instead of padding the last tile; writers use it 
 where that differs from version 1 or 5; it may also code a tiled first image's first units as
 quarters (header key "ramp"), so the first whole unit's dip is not paid as initial bits. 7 is the
 lossy file of version 3 or 4 (its header's variance says which) whose units are cut as in 6
-(without a ramp).
+(without a ramp). 8 and 9 are the files of versions 6 and 7 whose network runs as a flip
+ensemble (header key "flips": "h" or "hv", ``diffusion.FlipEnsemble``); writers use them only
+for such files.
 """
 from __future__ import annotations
 
@@ -43,17 +45,20 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DDPM"
-VERSION = 7  # the highest version this reader knows
+VERSION = 9  # the highest version this reader knows
 LOSSLESS_VERSION = 1
 LOSSLESS_TILED_VERSION = 5  # as 1, with tiles of a size other than the model's
 LOSSLESS_EVEN_VERSION = 6  # as 5, edge units not padded: unit sides split the image evenly (``codec.UnitLayout``)
-LOSSLESS_VERSIONS = (LOSSLESS_VERSION, LOSSLESS_TILED_VERSION, LOSSLESS_EVEN_VERSION)
+LOSSLESS_FLIPS_VERSION = 8  # as 6, the network a flip ensemble (header key "flips")
+LOSSLESS_VERSIONS = (LOSSLESS_VERSION, LOSSLESS_TILED_VERSION, LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION)
 LOSSY_VERSION = 2  # chunk counts listed
 LOSSY_PREDICTED_VERSION = 3  # chunk counts as differences from the model's prediction
 LOSSY_LEARNED_VERSION = 4  # as 3, with the learned variance: σ per dimension, chunks balanced by predicted KL
 LOSSY_EVEN_VERSION = 7  # as 3 or 4 (the header's variance says which; chunk counts listed if the model has no
 # calibration to predict them), units of even sides (``codec.UnitLayout``)
-SEGMENTED_VERSIONS = (LOSSY_VERSION, LOSSY_PREDICTED_VERSION, LOSSY_LEARNED_VERSION, LOSSY_EVEN_VERSION)
+LOSSY_FLIPS_VERSION = 9  # as 7, the network a flip ensemble (header key "flips")
+SEGMENTED_VERSIONS = (LOSSY_VERSION, LOSSY_PREDICTED_VERSION, LOSSY_LEARNED_VERSION, LOSSY_EVEN_VERSION,
+                      LOSSY_FLIPS_VERSION)
 _FIXED = struct.Struct("<4sHI")
 MAX_HEADER = 64 << 20  # decompressed header bytes a reader accepts
 
@@ -115,6 +120,18 @@ class Container:
             raise FormatError("payload checksum mismatch: the file is corrupt")
         header.pop("_header_len")
         return cls(header, np.frombuffer(body, dtype="<u4").astype(np.uint32), header["_version"])
+
+
+def header_flips(header: dict, flips_version: int) -> str:
+    """The flip ensemble a header names: "none" below ``flips_version``, else its "flips" (h or hv)."""
+    if header["_version"] != flips_version:
+        if "flips" in header:
+            raise FormatError(f"header: flips in a version-{header['_version']} file")
+        return "none"
+    flips = header.get("flips")
+    if flips not in ("h", "hv"):
+        raise FormatError(f"header: flips {flips!r} in a version-{flips_version} file")
+    return flips
 
 
 def read_header(data: bytes) -> dict:
