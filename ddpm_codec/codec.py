@@ -7,7 +7,8 @@ convolutional, so tiles may be larger than the images it was trained on
 (``tile``; format version 5): a 64×64 unit lets the network see across the edges
 that 32×32 tiles cut. Units are coded in batches
 chained on one ANS stack (``coding.bitsback``), so the initial bits are paid once
-per file.
+per file. The network may run as a flip ensemble (``diffusion.FlipEnsemble``: the
+outputs for the image and its mirror averaged; format version 8).
 """
 from __future__ import annotations
 

@@ -28,6 +28,8 @@ of the format, with the thread count: see ``codec.torch_threads``) and the chann
 step's dimensions of all units together. Images are cut into units as lossless files cut them
 (``codec.UnitLayout``): a side that is not a multiple of the tile gets units of nearly equal
 sides, not a padded last tile (version 7; the network runs each shape's units in its own batches).
+A file whose network runs as a flip ensemble (``diffusion.FlipEnsemble``, header key "flips") is
+version 9, otherwise as 7.
 """
 from __future__ import annotations
 
