@@ -86,9 +86,10 @@ class FlipEnsemble(torch.nn.Module):
     each output flipped back: a test-time ensemble that lowers the x̂_0 error at every step, so
     every term of the bound, at 2× ("h": left–right) or 4× ("hv": and upside down) the network's
     time. The average is equivariant to the flips (bit for bit for h: its two terms swap, and IEEE
-    addition commutes). Measured
-    on the four held-out 256×256 photo crops in 64×64 units, ``photos``, K = 100, same noise:
-    bound 3.8654 → 3.8430 (h) → 3.8235 (hv), every photo lower (/work/sim/tta.py)."""
+    addition commutes). It pays where the network was trained on mirrored images: on the four
+    held-out 256×256 photo crops in 64×64 units (``photos``, K = 100, same noise) the bound went
+    3.8654 → 3.8430 (h) → 3.8235 (hv), every photo lower; on 200 MNIST test digits, never
+    mirrored in training, 1.0224 → 1.0289 with h (worse); Fashion-MNIST 2.8045 → 2.8035."""
 
     def __init__(self, net, flips: str):
         super().__init__()

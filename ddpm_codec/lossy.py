@@ -52,8 +52,9 @@ from .codec import (DecodeError, Mode, UnitLayout, _TimedNet, check_tile, layout
 from .coding.bitsback import PIXEL_CHUNK, pixel_probs
 from .coding.channel import (DEFAULT_INDEX_BITS, DEFAULT_KL_PER_CHUNK, DEFAULT_LAYOUT, LAYOUTS, StepChannel, chunk_count, kl_bits,
                              pack_indices, packed_bytes, unpack_indices)
-from .coding.container import (LOSSY_EVEN_VERSION, LOSSY_FLIPS_VERSION, header_flips, LOSSY_LEARNED_VERSION, LOSSY_PREDICTED_VERSION, LOSSY_VERSION, FormatError,
-                               pack_names, pack_segments, unpack_names, unpack_segments)
+from .coding.container import (LOSSY_EVEN_VERSION, LOSSY_FLIPS_VERSION, LOSSY_LEARNED_VERSION, LOSSY_PREDICTED_VERSION,
+                               LOSSY_VERSION, FormatError, header_flips, pack_names, pack_segments, unpack_names,
+                               unpack_segments)
 from .coding.entropy import Stack
 from .diffusion import LearnedVariance, VarianceType, ddim_sample, p_step, sample
 from .schedule import Schedule, jump_costs, schedule_from_spec
@@ -213,7 +214,8 @@ def _shapes(h: dict) -> list[tuple[int, int]]:
 
 def file_layout(h: dict, model: LoadedModel) -> UnitLayout:
     """The unit layout a lossy file's header names (even sides in versions 7 and 9, padded tiles before)."""
-    return UnitLayout(int(h["tile"]), tile_multiple(model.config), h["_version"] in (LOSSY_EVEN_VERSION, LOSSY_FLIPS_VERSION))
+    even = h["_version"] in (LOSSY_EVEN_VERSION, LOSSY_FLIPS_VERSION)
+    return UnitLayout(int(h["tile"]), tile_multiple(model.config), even)
 
 
 def unit_groups(layout: UnitLayout, shapes: list[tuple[int, int]], channels: int) -> list[tuple[int, ...]]:

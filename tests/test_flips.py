@@ -104,7 +104,12 @@ def test_a_model_file_may_name_its_default_flips(calibrated, tmp_path):
     res = encode_lossless(imgs, m, steps=5)
     assert info(res.data)["flips"] == "h"
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(imgs, decode(res.data, calibrated).images))
-    assert encode_lossless(imgs, m, steps=5, flips="none").data[4] == LOSSLESS_EVEN_VERSION
+    # a file without flips (as every file before them) decodes with the plain network, whatever the model's default
+    plain = encode_lossless(imgs, m, steps=5, flips="none")
+    assert plain.data[4] == LOSSLESS_EVEN_VERSION
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(imgs, decode(plain.data, m).images))
+    lossy = encode_lossy(imgs, calibrated, steps=5)
+    assert lossy.data[4] == LOSSY_EVEN_VERSION and decode_lossy(lossy.data, m).exact
     ck = torch.load(tmp_path / "f.pt", weights_only=False)
     ck["flips"] = "x"
     torch.save(ck, tmp_path / "bad.pt")
