@@ -139,10 +139,10 @@ def flips_option():
     return click.option(
         "--flips", type=click.Choice(["none", "h", "hv"]), default=None,
         help="Run the network as a flip ensemble: its outputs averaged over the input and its left–right "
-             "mirror (h: 2× the network's time) or all four flips (hv: 4×). Lowers every term of the bound "
-             "(photos: −0.02 bits/dim with h, −0.04 with hv on held-out crops). Default: the model's (its card "
-             "says; none for the grey models). Files that use it are format version 8 "
-             "(lossless) or 9 (lossy).")
+             "mirror (h: 2× the network's time) or all four flips (hv: 4×). On photos it lowers every term of "
+             "the bound (−0.02 bits/dim with h, −0.04 with hv on held-out crops); on digits, never mirrored in "
+             "training, it does not. Default: the model's (`photos`: h; the grey models: none). Files that use "
+             "it are format version 8 (lossless) or 9 (lossy).")
 
 
 def _tile_option(tile: int | None, lm) -> int:
