@@ -125,10 +125,14 @@ class LoadedModel:
     def image_size(self) -> int:
         return self.config.image_size
 
+    def flips_or_default(self, flips: str | None) -> str:
+        """``flips``, or the model's default for None."""
+        return self.flips if flips is None else flips
+
     def network(self, flips: str | None = None):
         """The network as the codec runs it: the EMA weights, or their flip ensemble (``flips``;
         None: the model's default)."""
-        return ensemble(self.net, self.flips if flips is None else flips)
+        return ensemble(self.net, self.flips_or_default(flips))
 
     @property
     def unit(self) -> int:

@@ -329,7 +329,7 @@ def encode_lossless(
     ``flips``: the network's flip ensemble (``diffusion.FlipEnsemble``; default the model's; one
     writes format version 8)."""
     t0 = time.perf_counter()
-    flips = model.flips if flips is None else flips
+    flips = model.flips_or_default(flips)
     if var_type is None:
         var_type = model.default_variance()
     if grid_bits is None:

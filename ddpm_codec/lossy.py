@@ -311,7 +311,7 @@ def encode_lossy(
     ``record``: keep each segment's reconstruction x̂_0(x_t) (for rate–distortion reports).
     ``flips``: the network's flip ensemble (default the model's; one writes format version 9)."""
     t0 = time.perf_counter()
-    flips = model.flips if flips is None else flips
+    flips = model.flips_or_default(flips)
     var_type = _lossy_variance(model, var_type)
     if not 1 <= index_bits <= MAX_INDEX_BITS:
         raise ValueError(f"index bits must be in 1..{MAX_INDEX_BITS}")

@@ -49,7 +49,7 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
     """``bar(desc, total)``: a progress bar (a context manager with ``update(n)``) for each phase,
     counted in tiles. ``network_alone=False`` skips timing the network by itself (a third of the
     run's time); its keys are then None. ``tile``, ``flips``: as ``encode_lossless``'s."""
-    flips = model.flips if flips is None else flips
+    flips = model.flips_or_default(flips)
     shapes = [im.shape[:2] for _, im in images]
     tile = unit_size(model, shapes, tile)
     groups = layout_for(model, shapes, tile).cut([im for _, im in images])
@@ -85,8 +85,9 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
         sched = model.chain(K, spacing)
         x0 = to_model_space(np.stack([im for _, im in images]))
         var = model.variance(sched, VarianceType(res.variance))
+        net = model.network(flips)
         with torch.no_grad():
-            b = torch.cat([bound_full(model.network(flips), sched, x0[i:i + batch], torch.Generator().manual_seed(i), var).total
+            b = torch.cat([bound_full(net, sched, x0[i:i + batch], torch.Generator().manual_seed(i), var).total
                            for i in range(0, len(x0), batch)])
         out["bound_bits_per_dim"] = float(b.mean())
         out["net_over_bound"] = out["net_bits_per_dim"] / out["bound_bits_per_dim"]

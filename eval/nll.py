@@ -86,5 +86,5 @@ def dataset_nll(
         terms={"prior": mean[0], "diffusion": mean[1], "decoder": mean[2]},
         stderr=float(total.std() / math.sqrt(n)) if n > 1 else float("nan"),
         n=n, steps=sched.K, method=method.value, variance=var_type.value, model=model.model_id,
-        seconds=time.perf_counter() - t0, flips=model.flips if flips is None else flips,
+        seconds=time.perf_counter() - t0, flips=model.flips_or_default(flips),
     )
