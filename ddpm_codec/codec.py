@@ -26,8 +26,10 @@ import torch
 from . import __version__
 from .checkpoint import MAX_TILE, LoadedModel, takes_tile, tile_multiple
 from .coding.bitsback import ChainCoder
-from .coding.container import (LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION, LOSSLESS_TILED_VERSION, LOSSLESS_VERSION, Container,
-                               FormatError, header_flips, pack_names, unpack_names)
+from .coding.container import (LOSSLESS_COUPLED_VERSION, LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION,
+                               LOSSLESS_TILED_VERSION, LOSSLESS_VERSION, Container, FormatError, header_coupling,
+                               header_flips, pack_names, unpack_names)
+from . import coupling as colour
 from .coding.entropy import Stack
 from .diffusion import VarianceType
 from .schedule import schedule_from_spec
@@ -321,13 +323,16 @@ def encode_lossless(
     spacing: str | None = None,
     tile: int | None = None,
     flips: str | None = None,
+    coupling: bool | None = None,
 ) -> EncodeResult:
     """Encode named uint8 images [H, W, C] (C = the model's channels) into one .ddpm file.
     ``var_type`` None: the calibrated variance if the model has it, else β̃. ``spacing``: of the
     K steps (``LoadedModel.chain``; default optimal for a calibrated model). ``tile``: the units'
     side (default ``unit_size``'s; a size other than the model's writes format version 5).
     ``flips``: the network's flip ensemble (``diffusion.FlipEnsemble``; default the model's; one
-    writes format version 8)."""
+    writes format version 8). ``coupling``: couple the colour channels (``ddpm_codec.coupling``:
+    ρ measured on these images, stated in the header; format version 10). None: for colour
+    images of at least ``coupling.MIN_DIMS`` values with a calibrated or learned variance."""
     t0 = time.perf_counter()
     flips = model.flips_or_default(flips)
     if var_type is None:
@@ -344,7 +349,11 @@ def encode_lossless(
     groups = layout.cut([im for _, im in images])
     sched = model.chain(steps, spacing)
     timed = _TimedNet(model.network(flips))
-    coder = ChainCoder(timed, sched, model.variance(sched, var_type), grid_bits)
+    stated = None
+    if use_coupling(coupling, C, var_type, sum(im.size for _, im in images)):
+        stated = colour.estimate(timed, model.schedule, groups, batch, torch.Generator().manual_seed(0))
+    rho = None if stated is None else colour.table(stated, model.schedule.T)
+    coder = ChainCoder(timed, sched, model.variance(sched, var_type), grid_bits, rho)
     threads = torch.get_num_threads()
     sizes, spans = group_batches(groups, batch, first_batch)
     n_values = sum(g.size for g in groups)
@@ -380,19 +389,31 @@ def encode_lossless(
         "tile": size,
         **({"ramp": layout.ramp} if layout.ramp else {}),
         **({"flips": flips} if flips != "none" else {}),
+        **({"coupling": stated} if stated is not None else {}),
         "channels": C,
         "names": pack_names([name for name, _ in images]),
         "shapes": [[int(im.shape[0]), int(im.shape[1])] for _, im in images],
         "seed_words": {"count": n_seed, "dropped": dropped},
         "pixels_sha256": pixels_digest([im for _, im in images]),
     }
-    version = (LOSSLESS_FLIPS_VERSION if flips != "none" else LOSSLESS_EVEN_VERSION if layout.even else
+    version = (LOSSLESS_COUPLED_VERSION if rho is not None else LOSSLESS_FLIPS_VERSION if flips != "none" else
+               LOSSLESS_EVEN_VERSION if layout.even else
                LOSSLESS_VERSION if size == model.image_size else LOSSLESS_TILED_VERSION)
     data = Container(header, payload, version).to_bytes()
     dims = sum(im.size for _, im in images)
     return EncodeResult(data=data, dims=dims, initial_bits=32 * (n_seed - dropped),
                         seconds=time.perf_counter() - t0, net_seconds=timed.seconds,
                         header_bytes=len(data) - 4 * payload.size, variance=var_type.value)
+
+
+def use_coupling(coupling: bool | None, channels: int, var_type: VarianceType, dims: int) -> bool:
+    """Whether a lossless file couples its colour channels (``coupling``): ``coupling`` True or
+    False, or None for the default — colour images of at least ``coupling.MIN_DIMS`` values;
+    only a variance that models the x̂_0 error (calibrated or learned) can be coupled."""
+    possible = channels == 3 and var_type in (VarianceType.CALIBRATED, VarianceType.LEARNED)
+    if coupling and not possible:
+        raise ValueError("colour coupling needs 3-channel images and the calibrated or learned variance")
+    return possible and (coupling if coupling is not None else dims >= colour.MIN_DIMS)
 
 
 def header_steps(spec: dict, model: LoadedModel | None) -> list[int] | None:
@@ -412,7 +433,7 @@ def info(data: bytes, model: LoadedModel | None = None) -> dict:
             "spacing": h["schedule"].get("spacing", "listed"),
             "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
             "variance": h["variance"], "grid_bits": h["grid_bits"], "tile": h["tile"], "ramp": h.get("ramp", 0),
-            "flips": header_flips(h, LOSSLESS_FLIPS_VERSION),
+            "flips": header_flips(h, LOSSLESS_FLIPS_VERSION), "coupling": header_coupling(h),
             "bytes": len(data),
             "payload_words": h["payload_words"], "initial_bits": 32 * (h["seed_words"]["count"] -
                                                                          h["seed_words"]["dropped"])}
@@ -431,14 +452,20 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         size, C = int(h["tile"]), int(h["channels"])
         if C != model.channels:
             raise DecodeError("the file's tile shape does not fit the model")
-        even = c.version in (LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION)
+        even = c.version in (LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION, LOSSLESS_COUPLED_VERSION)
         flips = header_flips(h, LOSSLESS_FLIPS_VERSION)
+        stated = header_coupling(h)
+        rho = None if stated is None else colour.table(stated, model.schedule.T)
+        if rho is not None and C != 3:
+            raise FormatError("header: colour coupling for grey images")
         if not even and (size != model.image_size) != (c.version == LOSSLESS_TILED_VERSION):
             raise FormatError(f"header: tile {size} in a version-{c.version} file")
         check_tile(size, model)
         sched = model.chain_from_spec(h["schedule"])
-        coder = ChainCoder(model.network(flips), sched, model.variance(sched, VarianceType(h["variance"])),
-                           int(h["grid_bits"]))
+        var_type = VarianceType(h["variance"])
+        if rho is not None and var_type not in (VarianceType.CALIBRATED, VarianceType.LEARNED):
+            raise FormatError(f"header: coupling with the {var_type.value} variance")
+        coder = ChainCoder(model.network(flips), sched, model.variance(sched, var_type), int(h["grid_bits"]), rho)
         shapes = [(int(a), int(b)) for a, b in h["shapes"]]
         names = unpack_names(h["names"])
         if len(names) != len(shapes):

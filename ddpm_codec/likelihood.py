@@ -17,7 +17,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .diffusion import EpsNet, VarianceType, eps_of, model_variance, p_step, q_mean_var, q_posterior_mean_var, q_sample
+from .coupling import conditional, pair_correlations
+from .coupling import expected_kl as coupled_kl
+from .coupling import rho_at as coupling_rho
+from .diffusion import (EpsNet, VarianceType, at, eps_of, model_variance, p_step, q_mean_var, q_posterior_mean_var,
+                        q_sample)
 from .schedule import Schedule
 
 LN2 = math.log(2.0)
@@ -90,19 +94,42 @@ def prior_term(sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
 
 def step_term(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor,
-    variance: np.ndarray, clip: bool = True,
+    variance: np.ndarray, clip: bool = True, coupling: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """L_{k−1} for each image at its own step k ≥ 1 (k = 1: the decoder L_0): [B], nats (summed over dims)."""
+    """L_{k−1} for each image at its own step k ≥ 1 (k = 1: the decoder L_0): [B], nats (summed
+    over dims). ``coupling``: a ρ table (``coupling.measure``) for p with coupled colour channels."""
     xt = q_sample(sched, x0, k, noise)
     p = p_step(net, sched, xt, k, variance, clip)
     q_mean, q_var = q_posterior_mean_var(sched, x0, xt, k)
     first = k == 1
-    # clamp keeps the unused branch finite (β̃_1 = 0); torch.where picks the used one
-    kl = normal_kl(q_mean, q_var.clamp(min=1e-30).expand_as(q_mean), p.mean, p.var.expand_as(p.mean))
-    nll0 = -discretized_gaussian_log_prob(x0, p.mean, p.var.sqrt())
+    q_var = q_var.clamp(min=1e-30)  # keeps the unused branch finite (β̃_1 = 0); torch.where picks the used one
+    if coupling is None:
+        kl = normal_kl(q_mean, q_var.expand_as(q_mean), p.mean, p.var.expand_as(p.mean))
+        nll0 = -discretized_gaussian_log_prob(x0, p.mean, p.var.sqrt())
+    else:
+        var = p.var.expand_as(p.mean)
+        err = var - at(sched.beta_tilde, k, xt)
+        rho = coupling_rho(coupling, sched, k)
+        kl = coupled_kl(q_mean, q_var, p.mean, var, err, rho)[:, None]
+        nll0 = coupled_pixel_nll(x0, p.mean, var, err, rho)[:, None]
     out = torch.where(first.reshape(-1, 1, 1, 1), nll0, kl).flatten(1).sum(1)
     assert out.shape == (x0.shape[0],)
     return out
+
+
+def coupled_pixel_nll(x0: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, err: torch.Tensor,
+                      rho) -> torch.Tensor:
+    """−log p(x_0 | x_1) per pixel, nats [B, H, W], for the coupled decoder: each channel's
+    discretized Gaussian given the channels before it (``coupling.conditional``)."""
+    std = var.sqrt()
+    r = pair_correlations(var, err, rho)
+    z = (x0 - mean) / std
+    lower, upper = bin_edges(x0)
+    total = 0.0
+    for c in range(3):
+        m, sd = conditional(c, mean, std, r, [z[:, 0], z[:, 1]])
+        total = total - log_normal_interval((lower[:, c] - m) / sd, (upper[:, c] - m) / sd)
+    return total
 
 
 def x0_mse_per_step(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator,
@@ -151,7 +178,7 @@ def decoder_error_slope(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: tor
 def _bound(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator, variance: np.ndarray | None,
     clip: bool, progress: Callable[[int], None] | None,
-    draws: Callable[[int], Iterator[tuple[torch.Tensor, float]]],
+    draws: Callable[[int], Iterator[tuple[torch.Tensor, float]]], coupling: np.ndarray | None = None,
 ) -> BoundTerms:
     """L_T plus Σ weight·L_{k−1} over the (steps [B], weight) pairs ``draws(B)`` yields; bits/dim [B]."""
     x0 = x0.to(torch.float64)
@@ -161,7 +188,7 @@ def _bound(
     decoder = torch.zeros(B, dtype=torch.float64)
     for k, weight in draws(B):  # lazily: each k is drawn just before its noise
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-        term = step_term(net, sched, x0, k, noise, variance, clip) * weight
+        term = step_term(net, sched, x0, k, noise, variance, clip, coupling) * weight
         decoder += torch.where(k == 1, term, 0.0)
         diffusion += torch.where(k == 1, 0.0, term)
         if progress:
@@ -173,20 +200,22 @@ def _bound(
 def bound_full(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator,
     variance: np.ndarray | None = None, clip: bool = True,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, coupling: np.ndarray | None = None,
 ) -> BoundTerms:
-    """The bound of the K-step chain, every term evaluated (K network calls per image); bits/dim [B]."""
+    """The bound of the K-step chain, every term evaluated (K network calls per image); bits/dim [B].
+    ``coupling``: a ρ table, for p with coupled colour channels (``coupling``)."""
     return _bound(net, sched, x0, gen, variance, clip, progress,
-                  lambda B: ((torch.full((B,), step, dtype=torch.int64), 1.0) for step in range(sched.K, 0, -1)))
+                  lambda B: ((torch.full((B,), step, dtype=torch.int64), 1.0) for step in range(sched.K, 0, -1)),
+                  coupling)
 
 
 def bound_mc(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator, samples: int = 1,
     variance: np.ndarray | None = None, clip: bool = True,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, coupling: np.ndarray | None = None,
 ) -> BoundTerms:
     """An unbiased estimate of the bound: L_T + K·L_{k−1} with k ~ U{1..K}, averaged over
     ``samples`` draws per image (``samples`` network calls per image); bits/dim [B]."""
     return _bound(net, sched, x0, gen, variance, clip, progress,
                   lambda B: ((torch.randint(1, sched.K + 1, (B,), generator=gen), sched.K / samples)
-                             for _ in range(samples)))
+                             for _ in range(samples)), coupling)

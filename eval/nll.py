@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ddpm_codec.checkpoint import LoadedModel
+from ddpm_codec import coupling as colour
 from ddpm_codec.data import to_model_space
 from ddpm_codec.diffusion import VarianceType
 from ddpm_codec.likelihood import bound_full, bound_mc
@@ -35,6 +36,7 @@ class NllResult:
     model: str
     seconds: float
     flips: str = "none"
+    coupling: list | None = None  # the ρ stated for the coupled colour channels (``coupling.estimate``), if coupled
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -51,10 +53,15 @@ def dataset_nll(
     samples: int = 1,
     progress: bool = True,
     flips: str | None = None,
+    coupling: bool | None = None,
 ) -> NllResult:
     """The bound of the K-step chain ``sched`` on uint8 images [N, H, W, C], in bits/dim. H = W is
     the model's image size or another tile size it takes (``codec.check_tile``: the network is
-    fully convolutional). ``flips``: the network's flip ensemble (default the model's)."""
+    fully convolutional). ``flips``: the network's flip ensemble (default the model's).
+    ``coupling``: couple the colour channels with ρ measured on these images, as the encoder
+    does (``codec.use_coupling``; None: as the encoder's default)."""
+    from ddpm_codec.codec import use_coupling
+
     from ddpm_codec.checkpoint import takes_tile
 
     h, w, c = images.shape[1:]
@@ -63,6 +70,11 @@ def dataset_nll(
                          f"{model.image_size}×{model.image_size}×{model.channels}")
     variance = model.variance(sched, var_type)
     net = model.network(flips)
+    stated = None
+    if use_coupling(coupling, c, var_type, images.size):
+        stated = colour.estimate(net, model.schedule, [images.transpose(0, 3, 1, 2)], batch,
+                                 torch.Generator().manual_seed(0))
+    rho = None if stated is None else colour.table(stated, model.schedule.T)
     n = len(images)
     per_image = sched.K if method is BoundMethod.FULL else samples
     bar = tqdm(total=n * per_image, disable=not progress, file=sys.stderr, unit="img·step",
@@ -73,9 +85,9 @@ def dataset_nll(
         for i in range(0, n, batch):
             x0 = to_model_space(images[i:i + batch]).contiguous(memory_format=torch.channels_last)
             if method is BoundMethod.FULL:
-                terms = bound_full(net, sched, x0, gen, variance, progress=bar.update)
+                terms = bound_full(net, sched, x0, gen, variance, progress=bar.update, coupling=rho)
             else:
-                terms = bound_mc(net, sched, x0, gen, samples, variance, progress=bar.update)
+                terms = bound_mc(net, sched, x0, gen, samples, variance, progress=bar.update, coupling=rho)
             parts.append(torch.stack([terms.prior, terms.diffusion, terms.decoder], 1))
     bar.close()
     t = torch.cat(parts)  # [N, 3] bits/dim
@@ -87,4 +99,5 @@ def dataset_nll(
         stderr=float(total.std() / math.sqrt(n)) if n > 1 else float("nan"),
         n=n, steps=sched.K, method=method.value, variance=var_type.value, model=model.model_id,
         seconds=time.perf_counter() - t0, flips=model.flips_or_default(flips),
+        coupling=stated,
     )

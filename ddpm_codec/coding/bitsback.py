@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scipy.special import ndtr
 
+from ..coupling import conditional, pair_correlations
 from ..diffusion import EpsNet, LearnedVariance, p_step
 from ..schedule import Schedule
 from .entropy import MAX_RANGE, Stack
@@ -57,6 +58,7 @@ class ChainCoder:
     sched: Schedule
     variance: "np.ndarray | LearnedVariance"  # σ_k² of p_θ, [K+1] (``model_variance``)
     grid_bits: int = 2
+    coupling: np.ndarray | None = None  # a ρ table: p with coupled colour channels (``coupling``), coded R, G, B
     delta: np.ndarray = field(init=False)  # grid widths δ_k, [K+1] (entry 0 unused: pixels)
 
     def __post_init__(self) -> None:
@@ -78,10 +80,10 @@ class ChainCoder:
     def _q_range(self) -> int:
         return int(math.ceil(RANGE_SIGMAS * self._q_std()))
 
-    def _p_std_range(self, k: int, var) -> tuple["float | np.ndarray", int]:
+    def _p_std_range(self, k: int, std) -> tuple["float | np.ndarray", int]:
         """std of p_θ(x_{k−1} | x_k) in units of δ_{k−1} (one number, or one per dimension for a
-        learned variance), and the residual range of the widest (k ≥ 2)."""
-        s = np.sqrt(var) / self.delta[k - 1]
+        learned variance or coupled channels), and the residual range of the widest (k ≥ 2)."""
+        s = std / self.delta[k - 1]
         return s, int(min(MAX_RANGE, math.ceil(RANGE_SIGMAS * float(np.max(s)))))
 
     def _prior_std_range(self) -> tuple[float, int]:
@@ -117,17 +119,71 @@ class ChainCoder:
     def _part(std, s: int):
         return std[s:s + PIXEL_CHUNK] if np.ndim(std) else std
 
-    def _push_pixels(self, stack: Stack, u: np.ndarray, mean: np.ndarray, var) -> None:
-        std = np.sqrt(var)
+    def _push_pixels(self, stack: Stack, u: np.ndarray, mean: np.ndarray, std) -> None:
         starts = list(range(0, u.size, PIXEL_CHUNK))
         for s in reversed(starts):  # last chunk first, so the decoder pops chunk 0 first
             stack.push_categorical(u[s:s + PIXEL_CHUNK], pixel_probs(mean[s:s + PIXEL_CHUNK], self._part(std, s)))
 
-    def _pop_pixels(self, stack: Stack, mean: np.ndarray, var) -> np.ndarray:
-        std = np.sqrt(var)
+    def _pop_pixels(self, stack: Stack, mean: np.ndarray, std) -> np.ndarray:
         parts = [stack.pop_categorical(pixel_probs(mean[s:s + PIXEL_CHUNK], self._part(std, s)))
                  for s in range(0, mean.size, PIXEL_CHUNK)]
         return np.concatenate(parts)
+
+    # --- coupled colour channels (``coupling``): channel by channel, R first -------------------
+
+    def _coupled(self, k: int, mean: np.ndarray, var, shape: tuple[int, ...]):
+        """(mean, std, pair correlations) of step k, each [B, 3, H·W] (the correlations [B, H·W])."""
+        B = shape[0]
+        if shape[1] != 3:
+            raise ValueError("colour coupling needs 3-channel images")
+        m = mean.reshape(B, 3, -1)
+        v = np.broadcast_to(np.asarray(var, dtype=np.float64).reshape(-1) if np.ndim(var) else var, mean.shape).reshape(B, 3, -1)
+        rho = self.coupling[self.sched.timesteps[k]]
+        return m, np.sqrt(v), pair_correlations(v, v - self.sched.beta_tilde[k], rho)
+
+    def _channel_dims(self, shape: tuple[int, ...], c: int) -> np.ndarray:
+        B, C = shape[0], shape[1]
+        hw = int(np.prod(shape[2:]))
+        return (np.arange(B)[:, None] * C * hw + c * hw + np.arange(hw)[None, :]).reshape(-1)
+
+    def _push_coupled(self, stack: Stack, k: int, values: np.ndarray, mean: np.ndarray, var, shape) -> None:
+        """Push step k's x_{k−1} (k = 1: the pixels' levels ``values``; else grid indices) channel by
+        channel, B last, so that the decoder pops R first and codes G given R, B given both."""
+        m, std, r = self._coupled(k, mean, var, shape)
+        B = shape[0]
+        x = (values * (2.0 / 255.0) - 1.0) if k == 1 else values * self.delta[k - 1]
+        z = (x.reshape(B, 3, -1) - m) / std
+        for c in (2, 1, 0):
+            mc, sc = conditional(c, m, std, r, [z[:, 0], z[:, 1]])
+            self._push_channel(stack, k, values[self._channel_dims(shape, c)], mc.reshape(-1), sc.reshape(-1))
+
+    def _pop_coupled(self, stack: Stack, k: int, mean: np.ndarray, var, shape) -> np.ndarray:
+        m, std, r = self._coupled(k, mean, var, shape)
+        out = np.empty(mean.size, dtype=np.int64 if k == 1 else np.float64)
+        z = []
+        for c in range(3):
+            mc, sc = conditional(c, m, std, r, z)
+            vals = self._pop_channel(stack, k, mc.reshape(-1), sc.reshape(-1))
+            out[self._channel_dims(shape, c)] = vals
+            x = (vals * (2.0 / 255.0) - 1.0) if k == 1 else vals * self.delta[k - 1]
+            z.append((x.reshape(shape[0], -1) - m[:, c]) / std[:, c])
+        return out
+
+    def _push_channel(self, stack: Stack, k: int, values: np.ndarray, mean: np.ndarray, std) -> None:
+        """Push x_{k−1}'s ``values`` (k = 1: pixel levels; else grid indices) with N(mean, std²)."""
+        if k == 1:
+            self._push_pixels(stack, values, mean, std)
+            return
+        s, R = self._p_std_range(k, std)
+        cp, fp = self._p_frac(mean, k)
+        stack.push_gaussian(values - cp, fp, s, R)
+
+    def _pop_channel(self, stack: Stack, k: int, mean: np.ndarray, std) -> np.ndarray:
+        if k == 1:
+            return self._pop_pixels(stack, mean, std)
+        s, R = self._p_std_range(k, std)
+        cp, fp = self._p_frac(mean, k)
+        return cp + stack.pop_gaussian(fp, s, R)
 
     # --- one batch ---------------------------------------------------------------------------
 
@@ -144,12 +200,10 @@ class ChainCoder:
             if on_step:
                 on_step(stack)
             mean, var = self._p(n_k, k, shape)
-            if k == 1:
-                self._push_pixels(stack, u, mean, var)
+            if self.coupling is not None:
+                self._push_coupled(stack, k, u if k == 1 else n_prev, mean, var, shape)
             else:
-                s, R = self._p_std_range(k, var)
-                cp, fp = self._p_frac(mean, k)
-                stack.push_gaussian(n_prev - cp, fp, s, R)
+                self._push_channel(stack, k, u if k == 1 else n_prev, mean, np.sqrt(var))
             x_prev, n_prev = n_k * self.delta[k], n_k
         s, R = self._prior_std_range()
         stack.push_gaussian(n_prev, np.zeros(n_prev.shape), s, R)
@@ -161,13 +215,17 @@ class ChainCoder:
         n_k = stack.pop_gaussian(np.zeros(size), s, R)
         for k in range(self.K, 0, -1):
             mean, var = self._p(n_k, k, shape)
+            if self.coupling is not None:
+                vals = self._pop_coupled(stack, k, mean, var, shape)
+            elif k == 1:
+                vals = self._pop_pixels(stack, mean, np.sqrt(var))
+            else:
+                vals = self._pop_channel(stack, k, mean, np.sqrt(var))
             if k == 1:
-                u = self._pop_pixels(stack, mean, var)
+                u = vals
                 x_prev = u * (2.0 / 255.0) - 1.0
             else:
-                s, R = self._p_std_range(k, var)
-                cp, fp = self._p_frac(mean, k)
-                n_prev = cp + stack.pop_gaussian(fp, s, R)
+                n_prev = vals
                 x_prev = n_prev * self.delta[k - 1]
             c, frac = self._q_frac(x_prev, k)
             stack.push_gaussian_bounded(n_k - c, frac, self._q_std(), self._q_range())

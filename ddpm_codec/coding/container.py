@@ -32,7 +32,11 @@ quarters (header key "ramp"), so the first whole unit's dip is not paid as initi
 lossy file of version 3 or 4 (its header's variance says which) whose units are cut as in 6
 (without a ramp). 8 and 9 are the files of versions 6 and 7 whose network runs as a flip
 ensemble (header key "flips": "h" or "hv", ``diffusion.FlipEnsemble``); writers use them only
-for such files.
+for such files. 10 is the lossless file of version 6 whose reverse steps couple the colour
+channels (header key "coupling": the ρ of the x̂_0 errors between channels that the encoder
+measured on the file's images, 7 rows of 3 integers in 1/256, ``coupling.ANCHORS``; each step
+coded R, then G given R, then B given both — ``coupling``); its "flips" key is optional (absent:
+the plain network). Writers use it only for such files.
 """
 from __future__ import annotations
 
@@ -45,12 +49,14 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DDPM"
-VERSION = 9  # the highest version this reader knows
+VERSION = 10  # the highest version this reader knows
 LOSSLESS_VERSION = 1
 LOSSLESS_TILED_VERSION = 5  # as 1, with tiles of a size other than the model's
 LOSSLESS_EVEN_VERSION = 6  # as 5, edge units not padded: unit sides split the image evenly (``codec.UnitLayout``)
 LOSSLESS_FLIPS_VERSION = 8  # as 6, the network a flip ensemble (header key "flips")
-LOSSLESS_VERSIONS = (LOSSLESS_VERSION, LOSSLESS_TILED_VERSION, LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION)
+LOSSLESS_COUPLED_VERSION = 10  # as 6, colour channels coupled (header key "coupling": ρ; "flips" optional)
+LOSSLESS_VERSIONS = (LOSSLESS_VERSION, LOSSLESS_TILED_VERSION, LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION,
+                     LOSSLESS_COUPLED_VERSION)
 LOSSY_VERSION = 2  # chunk counts listed
 LOSSY_PREDICTED_VERSION = 3  # chunk counts as differences from the model's prediction
 LOSSY_LEARNED_VERSION = 4  # as 3, with the learned variance: σ per dimension, chunks balanced by predicted KL
@@ -123,15 +129,38 @@ class Container:
 
 
 def header_flips(header: dict, flips_version: int) -> str:
-    """The flip ensemble a header names: "none" below ``flips_version``, else its "flips" (h or hv)."""
-    if header["_version"] != flips_version:
+    """The flip ensemble a header names: its "flips" (h or hv) in a ``flips_version`` file (and,
+    optionally, in a version-10 file), else "none"."""
+    if header["_version"] == LOSSLESS_COUPLED_VERSION and "flips" not in header:
+        return "none"
+    if header["_version"] not in (flips_version, LOSSLESS_COUPLED_VERSION):
         if "flips" in header:
             raise FormatError(f"header: flips in a version-{header['_version']} file")
         return "none"
     flips = header.get("flips")
     if flips not in ("h", "hv"):
-        raise FormatError(f"header: flips {flips!r} in a version-{flips_version} file")
+        raise FormatError(f"header: flips {flips!r} in a version-{header['_version']} file")
     return flips
+
+
+def header_coupling(header: dict) -> list | None:
+    """The colour coupling a header states (version 10: ``coupling.ANCHORS`` rows of three
+    integers, checked by ``coupling.check``), else None."""
+    from ..coupling import check
+
+    if header["_version"] != LOSSLESS_COUPLED_VERSION:
+        if "coupling" in header:
+            raise FormatError(f"header: coupling in a version-{header['_version']} file")
+        return None
+    stated = header.get("coupling")
+    try:
+        if not isinstance(stated, list) or not all(isinstance(r, list) and all(type(v) is int for v in r)
+                                                    for r in stated):
+            raise ValueError("not rows of integers")
+        check(stated)
+    except ValueError as e:
+        raise FormatError(f"header: bad coupling in a version-{LOSSLESS_COUPLED_VERSION} file ({e})") from None
+    return stated
 
 
 def read_header(data: bytes) -> dict:
