@@ -157,6 +157,18 @@ def _tile_option(tile: int | None, lm) -> int:
         raise InputError(f"--{e}") from None
 
 
+def _check_coupling(coupling: bool | None, lm, variance: str | None) -> None:
+    """--coupling where it cannot apply: one line, not a traceback."""
+    from ddpm_codec.codec import use_coupling
+    from ddpm_codec.diffusion import VarianceType
+
+    if coupling:
+        try:
+            use_coupling(True, lm.channels, VarianceType(variance) if variance else lm.default_variance(), 0)
+        except ValueError as e:
+            raise InputError(f"--coupling: {e}") from None
+
+
 def coupling_option():
     """--coupling/--no-coupling: colour coupling (``ddpm_codec.coupling``)."""
     return click.option(
@@ -468,6 +480,7 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
             raise InputError("--coupling is for bits-back files; lossy and channel files code the channels apart")
         return _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bits, kl_per_chunk,
                              force, as_json, spacing, flips)
+    _check_coupling(coupling, lm, variance)
     shapes = [im.shape[:2] for _, im in loaded]
     n_units = count_units(lm, shapes, tile)
     with tqdm(total=n_units, file=sys.stderr, unit="unit", disable=as_json and n_units < 2) as bar:
@@ -702,6 +715,7 @@ def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_boun
         lm = checkpoint.resolve(model, 1 if data.split(":")[0] in ("mnist", "fashion-mnist") else 3)
         src = load_source(data, "test", crop=lm.image_size, channels=lm.channels)
         images = [(f"{i}.png", im) for i, im in enumerate(src.take(n))]
+    _check_coupling(coupling, lm, variance)
     for K, b, tile in itertools.product([int(k) for k in Ks.split(",")], [int(g) for g in grids.split(",")],
                                         [int(s) for s in tiles.split(",")] if tiles else [None]):
         r = bench_images(lm, images, K, VarianceType(variance) if variance else None, b, batch, not no_bound,

@@ -203,3 +203,6 @@ def test_cli_encode_info_decode_nll(coupled, tmp_path):
     assert vals["--coupling"]["bits_per_dim"] != vals["--no-coupling"]["bits_per_dim"]
     r = runner.invoke(cli, ["encode", str(img), "--model", src, "--lossy", "--coupling", "-o", str(tmp_path / "l.ddpm")])
     assert r.exit_code != 0 and "bits-back" in r.output
+    r = runner.invoke(cli, ["encode", str(img), "--model", src, "--method", "bits-back", "--variance", "beta_tilde",
+                            "--coupling", "-o", str(tmp_path / "b.ddpm")])
+    assert r.exit_code == 2 and "--coupling: colour coupling needs" in r.output, r.output
