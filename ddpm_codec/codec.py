@@ -406,11 +406,16 @@ def encode_lossless(
                         header_bytes=len(data) - 4 * payload.size, variance=var_type.value)
 
 
+def couplable(channels: int, var_type: VarianceType) -> bool:
+    """Colour coupling needs 3 channels and a variance that models the x̂_0 error."""
+    return channels == 3 and var_type in (VarianceType.CALIBRATED, VarianceType.LEARNED)
+
+
 def use_coupling(coupling: bool | None, channels: int, var_type: VarianceType, dims: int) -> bool:
     """Whether a lossless file couples its colour channels (``coupling``): ``coupling`` True or
     False, or None for the default — colour images of at least ``coupling.MIN_DIMS`` values;
     only a variance that models the x̂_0 error (calibrated or learned) can be coupled."""
-    possible = channels == 3 and var_type in (VarianceType.CALIBRATED, VarianceType.LEARNED)
+    possible = couplable(channels, var_type)
     if coupling and not possible:
         raise ValueError("colour coupling needs 3-channel images and the calibrated or learned variance")
     return possible and (coupling if coupling is not None else dims >= colour.MIN_DIMS)
@@ -456,15 +461,13 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         flips = header_flips(h, LOSSLESS_FLIPS_VERSION)
         stated = header_coupling(h)
         rho = None if stated is None else colour.table(stated, model.schedule.T)
-        if rho is not None and C != 3:
-            raise FormatError("header: colour coupling for grey images")
         if not even and (size != model.image_size) != (c.version == LOSSLESS_TILED_VERSION):
             raise FormatError(f"header: tile {size} in a version-{c.version} file")
         check_tile(size, model)
         sched = model.chain_from_spec(h["schedule"])
         var_type = VarianceType(h["variance"])
-        if rho is not None and var_type not in (VarianceType.CALIBRATED, VarianceType.LEARNED):
-            raise FormatError(f"header: coupling with the {var_type.value} variance")
+        if rho is not None and not couplable(C, var_type):
+            raise FormatError(f"header: colour coupling with {C} channel(s) and the {var_type.value} variance")
         coder = ChainCoder(model.network(flips), sched, model.variance(sched, var_type), int(h["grid_bits"]), rho)
         shapes = [(int(a), int(b)) for a, b in h["shapes"]]
         names = unpack_names(h["names"])

@@ -68,9 +68,10 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
         with bar("network alone", n_units) as pb:
             net_only = network_only_seconds(model, groups, K, batch, pb.update, flips)
     payload_bits = 8 * (len(res.data) - res.header_bytes) - res.initial_bits
+    stated = info(res.data)["coupling"]
     out = {
         "images": len(images), "dims": res.dims, "steps": K, "tile": tile, "flips": flips,
-        "coupling": info(res.data)["coupling"], "variance": res.variance, "grid_bits": grid_bits,
+        "coupling": stated, "variance": res.variance, "grid_bits": grid_bits,
         "spacing": spacing or ("optimal" if model.x0_mse is not None else "even"),
         "batch": batch, "bytes": len(res.data), "bits_per_dim": res.bits_per_dim,
         "initial_bits": res.initial_bits, "initial_bits_per_dim": res.initial_bits / res.dims,
@@ -87,7 +88,7 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
         sched = model.chain(K, spacing)
         x0 = to_model_space(np.stack([im for _, im in images]))
         var_type = VarianceType(res.variance)
-        stated = info(res.data)["coupling"]  # the bound with the file's own ρ
+        # the bound with the file's own ρ
         var, rho = model.variance(sched, var_type), None if stated is None else table(stated, model.schedule.T)
         net = model.network(flips)
         with torch.no_grad():
