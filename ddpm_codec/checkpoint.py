@@ -81,6 +81,14 @@ class LoadedModel:
             raise CheckpointError(f"{self.path.name} has no variance calibration; run `ddpm-codec calibrate` on it")
         return model_variance(sched, var_type, e)
 
+    def error_table(self, var_type: VarianceType) -> np.ndarray:
+        """The e(t) table [T+1] that ``variance(…, var_type)`` builds σ² on (calibrated or learned)."""
+        e = self.var_base if var_type is VarianceType.LEARNED else (
+            self.x0_mse if self.x0_mse is not None else self.var_base)
+        if e is None:
+            raise CheckpointError(f"{self.path.name} has no variance calibration; run `ddpm-codec calibrate` on it")
+        return e
+
     def chain(self, K: int | None, spacing: str | None = None) -> Schedule:
         """The K-step chain the codec and ``nll --steps K`` use. ``spacing`` "optimal" (the default
         for a calibrated model): the steps of least expected bound (``schedule.optimal_steps``,

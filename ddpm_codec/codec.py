@@ -27,9 +27,11 @@ from . import __version__
 from .checkpoint import MAX_TILE, LoadedModel, takes_tile, tile_multiple
 from .coding.bitsback import ChainCoder
 from .coding.container import (LOSSLESS_COUPLED_VERSION, LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION,
+                               LOSSLESS_SCALED_VERSION, header_var_scale,
                                LOSSLESS_TILED_VERSION, LOSSLESS_VERSION, Container, FormatError, header_coupling,
                                header_flips, pack_names, unpack_names)
 from . import coupling as colour
+from . import varscale
 from .coding.entropy import Stack
 from .diffusion import VarianceType
 from .schedule import schedule_from_spec
@@ -324,6 +326,7 @@ def encode_lossless(
     tile: int | None = None,
     flips: str | None = None,
     coupling: bool | None = None,
+    fit_variance: bool | None = None,
 ) -> EncodeResult:
     """Encode named uint8 images [H, W, C] (C = the model's channels) into one .ddpm file.
     ``var_type`` None: the calibrated variance if the model has it, else β̃. ``spacing``: of the
@@ -332,7 +335,10 @@ def encode_lossless(
     ``flips``: the network's flip ensemble (``diffusion.FlipEnsemble``; default the model's; one
     writes format version 8). ``coupling``: couple the colour channels (``ddpm_codec.coupling``:
     ρ measured on these images, stated in the header; format version 10). None: for colour
-    images of at least ``coupling.MIN_DIMS`` values with a calibrated or learned variance."""
+    images of at least ``coupling.MIN_DIMS`` values with a calibrated or learned variance.
+    ``fit_variance``: scale p's error variance per channel to fit these images (``varscale``,
+    stated in the header; format version 11). None: for images of at least ``varscale.MIN_DIMS``
+    values with a calibrated or learned variance."""
     t0 = time.perf_counter()
     flips = model.flips_or_default(flips)
     if var_type is None:
@@ -349,11 +355,12 @@ def encode_lossless(
     groups = layout.cut([im for _, im in images])
     sched = model.chain(steps, spacing)
     timed = _TimedNet(model.network(flips))
-    stated = None
-    if use_coupling(coupling, C, var_type, sum(im.size for _, im in images)):
-        stated = colour.estimate(timed, model.schedule, groups, batch, torch.Generator().manual_seed(0))
+    dims = sum(im.size for _, im in images)
+    stated, scaled = measure_file(timed, model, sched, var_type, groups, batch,
+                                  use_coupling(coupling, C, var_type, dims), use_fit(fit_variance, var_type, dims))
     rho = None if stated is None else colour.table(stated, model.schedule.T)
-    coder = ChainCoder(timed, sched, model.variance(sched, var_type), grid_bits, rho)
+    scale = None if scaled is None else varscale.table(scaled, model.schedule.T, C)
+    coder = ChainCoder(timed, sched, model.variance(sched, var_type), grid_bits, rho, scale)
     threads = torch.get_num_threads()
     sizes, spans = group_batches(groups, batch, first_batch)
     n_values = sum(g.size for g in groups)
@@ -390,17 +397,17 @@ def encode_lossless(
         **({"ramp": layout.ramp} if layout.ramp else {}),
         **({"flips": flips} if flips != "none" else {}),
         **({"coupling": stated} if stated is not None else {}),
+        **({"var_scale": scaled} if scaled is not None else {}),
         "channels": C,
         "names": pack_names([name for name, _ in images]),
         "shapes": [[int(im.shape[0]), int(im.shape[1])] for _, im in images],
         "seed_words": {"count": n_seed, "dropped": dropped},
         "pixels_sha256": pixels_digest([im for _, im in images]),
     }
-    version = (LOSSLESS_COUPLED_VERSION if rho is not None else LOSSLESS_FLIPS_VERSION if flips != "none" else
+    version = (LOSSLESS_SCALED_VERSION if scale is not None else LOSSLESS_COUPLED_VERSION if rho is not None else LOSSLESS_FLIPS_VERSION if flips != "none" else
                LOSSLESS_EVEN_VERSION if layout.even else
                LOSSLESS_VERSION if size == model.image_size else LOSSLESS_TILED_VERSION)
     data = Container(header, payload, version).to_bytes()
-    dims = sum(im.size for _, im in images)
     return EncodeResult(data=data, dims=dims, initial_bits=32 * (n_seed - dropped),
                         seconds=time.perf_counter() - t0, net_seconds=timed.seconds,
                         header_bytes=len(data) - 4 * payload.size, variance=var_type.value)
@@ -421,6 +428,37 @@ def use_coupling(coupling: bool | None, channels: int, var_type: VarianceType, d
     return possible and (coupling if coupling is not None else dims >= colour.MIN_DIMS)
 
 
+def fittable(var_type: VarianceType) -> bool:
+    """A variance scale needs a variance that models the x̂_0 error."""
+    return var_type in (VarianceType.CALIBRATED, VarianceType.LEARNED)
+
+
+def use_fit(fit: bool | None, var_type: VarianceType, dims: int) -> bool:
+    """Whether a lossless file fits its own variance scale (``varscale``): ``fit`` True or False,
+    or None for the default — images of at least ``varscale.MIN_DIMS`` values; only a variance
+    that models the x̂_0 error (calibrated or learned) can be scaled."""
+    if fit and not fittable(var_type):
+        raise ValueError("a variance scale needs the calibrated or learned variance")
+    return fittable(var_type) and (fit if fit is not None else dims >= varscale.MIN_DIMS)
+
+
+def measure_file(net, model: LoadedModel, sched, var_type: VarianceType, units: list[np.ndarray], batch: int,
+                 rho: bool, scale: bool, progress: Callable[[int], None] | None = None
+                 ) -> tuple[list | None, list | None]:
+    """What the encoder states about its own images, from one draw per unit at each anchor
+    (``coupling.anchor_errors``): the colour coupling's ρ if ``rho``, the variance scale
+    (fitted for the chain ``sched``) if ``scale``; each None when not asked for."""
+    if not (rho or scale):
+        return None, None
+    fits = [colour.RhoFit() if rho else None,
+            varscale.Fit(model.error_table(var_type), sched, model.channels) if scale else None]
+    for item in colour.anchor_errors(net, model.schedule, units, batch, torch.Generator().manual_seed(0), progress):
+        for f in fits:
+            if f is not None:
+                f.add(*item)
+    return tuple(None if f is None else f.rows() for f in fits)
+
+
 def header_steps(spec: dict, model: LoadedModel | None) -> list[int] | None:
     """The step subsequence a header names; None for optimal steps without the model to compute them."""
     if spec.get("spacing") == "optimal":
@@ -439,6 +477,7 @@ def info(data: bytes, model: LoadedModel | None = None) -> dict:
             "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
             "variance": h["variance"], "grid_bits": h["grid_bits"], "tile": h["tile"], "ramp": h.get("ramp", 0),
             "flips": header_flips(h, LOSSLESS_FLIPS_VERSION), "coupling": header_coupling(h),
+            "var_scale": header_var_scale(h, int(h.get("channels", 1))),
             "bytes": len(data),
             "payload_words": h["payload_words"], "initial_bits": 32 * (h["seed_words"]["count"] -
                                                                          h["seed_words"]["dropped"])}
@@ -457,10 +496,13 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         size, C = int(h["tile"]), int(h["channels"])
         if C != model.channels:
             raise DecodeError("the file's tile shape does not fit the model")
-        even = c.version in (LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION, LOSSLESS_COUPLED_VERSION)
+        even = c.version in (LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION, LOSSLESS_COUPLED_VERSION,
+                             LOSSLESS_SCALED_VERSION)
         flips = header_flips(h, LOSSLESS_FLIPS_VERSION)
         stated = header_coupling(h)
         rho = None if stated is None else colour.table(stated, model.schedule.T)
+        scaled = header_var_scale(h, C)
+        scale = None if scaled is None else varscale.table(scaled, model.schedule.T, C)
         if not even and (size != model.image_size) != (c.version == LOSSLESS_TILED_VERSION):
             raise FormatError(f"header: tile {size} in a version-{c.version} file")
         check_tile(size, model)
@@ -468,7 +510,10 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         var_type = VarianceType(h["variance"])
         if rho is not None and not couplable(C, var_type):
             raise FormatError(f"header: colour coupling with {C} channel(s) and the {var_type.value} variance")
-        coder = ChainCoder(model.network(flips), sched, model.variance(sched, var_type), int(h["grid_bits"]), rho)
+        if scale is not None and not fittable(var_type):
+            raise FormatError(f"header: a variance scale with the {var_type.value} variance")
+        coder = ChainCoder(model.network(flips), sched, model.variance(sched, var_type), int(h["grid_bits"]), rho,
+                           scale)
         shapes = [(int(a), int(b)) for a, b in h["shapes"]]
         names = unpack_names(h["names"])
         if len(names) != len(shapes):

@@ -153,38 +153,65 @@ def table(stated, T: int) -> np.ndarray:
     return out[:T + 1]
 
 
-def estimate(net, sched, units: list[np.ndarray], batch: int, gen: torch.Generator,
-             progress: Callable[[int], None] | None = None) -> list[list[int]]:
-    """The ρ a file states, measured on its own units (uint8 [n, 3, h, w] arrays, one per shape):
-    at each anchor t, the correlation between channel pairs of the clipped x̂_0 error over all
-    its pixels, each error divided by √exp(s) (the variance head's scale, if the network has
-    one); one draw of x_t per unit; shrunk to a correlation matrix with no eigenvalue below
-    MIN_EIG and rounded to 1/256. ``sched``: the model's full schedule. Encoder only."""
+def anchor_errors(net, sched, units: list[np.ndarray], batch: int, gen: torch.Generator,
+                  progress: Callable[[int], None] | None = None):
+    """For each anchor t ≤ the schedule's length and each batch of the units (uint8 [n, C, h, w]
+    arrays, one per shape): (t, x_0, err, exp(s) or None), with x_t drawn from q at network step t
+    of the model's full schedule ``sched`` (one draw per unit) and err = clipped x̂_0 − x_0,
+    float64 [b, C, h, w]: the draws a file's ρ and its variance scale (``varscale``) are measured on."""
     from .data import to_model_space
     from .diffusion import exp_s, net_timesteps, predict_x0, q_sample, split_output
 
-    rows = []
     for t in ANCHORS:
         if t > sched.K:
-            rows.append(rows[-1] if rows else [0, 0, 0])
-            continue
-        m = torch.zeros(3, 3, dtype=torch.float64)
+            return
         for u8 in units:
             for i in range(0, len(u8), batch):
                 x0 = to_model_space(u8[i:i + batch].transpose(0, 2, 3, 1))
                 k = torch.full((x0.shape[0],), t, dtype=torch.int64)
                 xt = q_sample(sched, x0, k, torch.randn(x0.shape, generator=gen))
                 with torch.no_grad():
-                    eps, s = split_output(net(xt, net_timesteps(sched, k)), 3)
+                    eps, s = split_output(net(xt, net_timesteps(sched, k)), x0.shape[1])
                 err = predict_x0(sched, xt, k, eps).clamp(-1, 1).double() - x0.double()
-                if s is not None:
-                    err = err / torch.sqrt(exp_s(s))
-                v = err.transpose(0, 1).reshape(3, -1)
-                m += v @ v.T
+                yield t, x0.double(), err, None if s is None else exp_s(s)
                 if progress:
                     progress(len(x0))
-        d = torch.sqrt(torch.diag(m))
-        rho = shrink([float(m[i, j] / (d[i] * d[j])) if d[i] * d[j] > 0 else 0.0 for i, j in PAIRS])
-        rows.append([int(v) for v in np.round(rho * SCALE)])
-    check(rows)
-    return rows
+
+
+class RhoFit:
+    """The ρ a file states, from ``anchor_errors``' draws: at each anchor t, the correlation between
+    channel pairs of the clipped x̂_0 error over all the file's pixels, each error divided by
+    √exp(s) (the variance head's scale, if the network has one); shrunk to a correlation matrix
+    with no eigenvalue below MIN_EIG and rounded to 1/256 (``rows``)."""
+
+    def __init__(self):
+        self.m: dict[int, torch.Tensor] = {}
+
+    def add(self, t: int, x0: torch.Tensor, err: torch.Tensor, es: torch.Tensor | None) -> None:
+        if es is not None:
+            err = err / torch.sqrt(es)
+        v = err.transpose(0, 1).reshape(err.shape[1], -1)
+        self.m[t] = self.m.get(t, torch.zeros(3, 3, dtype=torch.float64)) + v @ v.T
+
+    def rows(self) -> list[list[int]]:
+        rows = []
+        for t in ANCHORS:
+            if t not in self.m:  # a schedule shorter than the anchor
+                rows.append(rows[-1] if rows else [0, 0, 0])
+                continue
+            m = self.m[t]
+            d = torch.sqrt(torch.diag(m))
+            rho = shrink([float(m[i, j] / (d[i] * d[j])) if d[i] * d[j] > 0 else 0.0 for i, j in PAIRS])
+            rows.append([int(v) for v in np.round(rho * SCALE)])
+        check(rows)
+        return rows
+
+
+def estimate(net, sched, units: list[np.ndarray], batch: int, gen: torch.Generator,
+             progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """The ρ a file states (``RhoFit``), measured on its own units (uint8 [n, 3, h, w] arrays, one
+    per shape), one draw of x_t per unit at each anchor. ``sched``: the model's full schedule. Encoder only."""
+    fit = RhoFit()
+    for item in anchor_errors(net, sched, units, batch, gen, progress):
+        fit.add(*item)
+    return fit.rows()

@@ -201,12 +201,14 @@ def p_step(
     k: torch.Tensor,
     variance,
     clip: bool = True,
+    scale: np.ndarray | None = None,
 ) -> PStep:
     """p_θ(x_{k−1} | x_k): mean μ̃_k(x_k, x̂_0(x_k, ε_θ)) (eq. 11 via eq. 7), variance σ_k².
 
     ``variance`` is the σ² table of ``model_variance`` (a ``LearnedVariance``: σ² per dimension
     from the network's s). The network runs in float32; the rest in the dtype of ``xt``
-    (float64 for the bound and the coder)."""
+    (float64 for the bound and the coder). ``scale``: a file's variance scale (a ``varscale.table``):
+    the error part of σ² times v_c(τ_k) per channel."""
     eps, s = split_output(net(xt.to(torch.float32), net_timesteps(sched, k)), xt.shape[1])
     eps = eps.to(xt.dtype)
     pred_x0 = predict_x0(sched, xt, k, eps)
@@ -219,6 +221,9 @@ def p_step(
         var = variance.per_dim(k, xt, exp_s(s)).to(xt.dtype)
     else:
         var = at(variance, k, xt)
+    if scale is not None:
+        from .varscale import apply, at as scale_at
+        var = apply(var, at(sched.beta_tilde, k, xt), scale_at(scale, sched, k).to(xt.dtype))
     return PStep(mean=mean, var=var, eps=eps, pred_x0=pred_x0)
 
 

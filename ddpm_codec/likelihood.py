@@ -95,11 +95,13 @@ def prior_term(sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
 def step_term(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor,
     variance: np.ndarray, clip: bool = True, coupling: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
 ) -> torch.Tensor:
     """L_{k−1} for each image at its own step k ≥ 1 (k = 1: the decoder L_0): [B], nats (summed
-    over dims). ``coupling``: a ρ table (``coupling.measure``) for p with coupled colour channels."""
+    over dims). ``coupling``: a ρ table (``coupling.table``) for p with coupled colour channels;
+    ``scale``: a variance scale table (``varscale.table``)."""
     xt = q_sample(sched, x0, k, noise)
-    p = p_step(net, sched, xt, k, variance, clip)
+    p = p_step(net, sched, xt, k, variance, clip, scale)
     q_mean, q_var = q_posterior_mean_var(sched, x0, xt, k)
     first = k == 1
     q_var = q_var.clamp(min=1e-30)  # keeps the unused branch finite (β̃_1 = 0); torch.where picks the used one
@@ -179,6 +181,7 @@ def _bound(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator, variance: np.ndarray | None,
     clip: bool, progress: Callable[[int], None] | None,
     draws: Callable[[int], Iterator[tuple[torch.Tensor, float]]], coupling: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
 ) -> BoundTerms:
     """L_T plus Σ weight·L_{k−1} over the (steps [B], weight) pairs ``draws(B)`` yields; bits/dim [B]."""
     x0 = x0.to(torch.float64)
@@ -188,7 +191,7 @@ def _bound(
     decoder = torch.zeros(B, dtype=torch.float64)
     for k, weight in draws(B):  # lazily: each k is drawn just before its noise
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-        term = step_term(net, sched, x0, k, noise, variance, clip, coupling) * weight
+        term = step_term(net, sched, x0, k, noise, variance, clip, coupling, scale) * weight
         decoder += torch.where(k == 1, term, 0.0)
         diffusion += torch.where(k == 1, 0.0, term)
         if progress:
@@ -201,21 +204,24 @@ def bound_full(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator,
     variance: np.ndarray | None = None, clip: bool = True,
     progress: Callable[[int], None] | None = None, coupling: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
 ) -> BoundTerms:
     """The bound of the K-step chain, every term evaluated (K network calls per image); bits/dim [B].
-    ``coupling``: a ρ table, for p with coupled colour channels (``coupling``)."""
+    ``coupling``: a ρ table, for p with coupled colour channels (``coupling``); ``scale``: a
+    file's variance scale (``varscale``)."""
     return _bound(net, sched, x0, gen, variance, clip, progress,
                   lambda B: ((torch.full((B,), step, dtype=torch.int64), 1.0) for step in range(sched.K, 0, -1)),
-                  coupling)
+                  coupling, scale)
 
 
 def bound_mc(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator, samples: int = 1,
     variance: np.ndarray | None = None, clip: bool = True,
     progress: Callable[[int], None] | None = None, coupling: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
 ) -> BoundTerms:
     """An unbiased estimate of the bound: L_T + K·L_{k−1} with k ~ U{1..K}, averaged over
     ``samples`` draws per image (``samples`` network calls per image); bits/dim [B]."""
     return _bound(net, sched, x0, gen, variance, clip, progress,
                   lambda B: ((torch.randint(1, sched.K + 1, (B,), generator=gen), sched.K / samples)
-                             for _ in range(samples)), coupling)
+                             for _ in range(samples)), coupling, scale)

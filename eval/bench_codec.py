@@ -10,6 +10,7 @@ import torch
 
 from ddpm_codec.checkpoint import LoadedModel
 from ddpm_codec.codec import decode, encode_lossless, group_batches, info, layout_for, unit_size
+from ddpm_codec import varscale
 from ddpm_codec.coupling import table
 from ddpm_codec.data import to_model_space
 from ddpm_codec.diffusion import VarianceType
@@ -46,10 +47,12 @@ def network_only_seconds(model: LoadedModel, groups: list[np.ndarray], K: int, b
 def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: int,
                  var_type: VarianceType | None, grid_bits: int, batch: int, with_bound: bool = True,
                  spacing: str | None = None, bar: Callable = _no_bar, network_alone: bool = True,
-                 tile: int | None = None, flips: str | None = None, coupling: bool | None = None) -> dict:
+                 tile: int | None = None, flips: str | None = None, coupling: bool | None = None,
+                 fit_variance: bool | None = None) -> dict:
     """``bar(desc, total)``: a progress bar (a context manager with ``update(n)``) for each phase,
     counted in tiles. ``network_alone=False`` skips timing the network by itself (a third of the
-    run's time); its keys are then None. ``tile``, ``flips``, ``coupling``: as ``encode_lossless``'s."""
+    run's time); its keys are then None. ``tile``, ``flips``, ``coupling``, ``fit_variance``: as
+    ``encode_lossless``'s."""
     flips = model.flips_or_default(flips)
     shapes = [im.shape[:2] for _, im in images]
     tile = unit_size(model, shapes, tile)
@@ -57,7 +60,8 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
     n_units = sum(len(g) for g in groups)
     with bar("encode", n_units) as pb:
         res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing, progress=pb.update,
-                              tile=tile, flips=flips, coupling=coupling)
+                              tile=tile, flips=flips, coupling=coupling,
+                              fit_variance=fit_variance)
     t0 = time.perf_counter()
     with bar("decode", n_units) as pb:
         dec = decode(res.data, model, progress=pb.update)
@@ -68,10 +72,11 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
         with bar("network alone", n_units) as pb:
             net_only = network_only_seconds(model, groups, K, batch, pb.update, flips)
     payload_bits = 8 * (len(res.data) - res.header_bytes) - res.initial_bits
-    stated = info(res.data)["coupling"]
+    about = info(res.data)
+    stated, scaled = about["coupling"], about["var_scale"]
     out = {
         "images": len(images), "dims": res.dims, "steps": K, "tile": tile, "flips": flips,
-        "coupling": stated, "variance": res.variance, "grid_bits": grid_bits,
+        "coupling": stated, "var_scale": scaled, "variance": res.variance, "grid_bits": grid_bits,
         "spacing": spacing or ("optimal" if model.x0_mse is not None else "even"),
         "batch": batch, "bytes": len(res.data), "bits_per_dim": res.bits_per_dim,
         "initial_bits": res.initial_bits, "initial_bits_per_dim": res.initial_bits / res.dims,
@@ -88,12 +93,13 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
         sched = model.chain(K, spacing)
         x0 = to_model_space(np.stack([im for _, im in images]))
         var_type = VarianceType(res.variance)
-        # the bound with the file's own ρ
+        # the bound with the file's own ρ and variance scale
         var, rho = model.variance(sched, var_type), None if stated is None else table(stated, model.schedule.T)
+        scale = None if scaled is None else varscale.table(scaled, model.schedule.T, model.channels)
         net = model.network(flips)
         with torch.no_grad():
             b = torch.cat([bound_full(net, sched, x0[i:i + batch], torch.Generator().manual_seed(i), var,
-                                      coupling=rho).total
+                                      coupling=rho, scale=scale).total
                            for i in range(0, len(x0), batch)])
         out["bound_bits_per_dim"] = float(b.mean())
         out["net_over_bound"] = out["net_bits_per_dim"] / out["bound_bits_per_dim"]

@@ -37,6 +37,7 @@ class NllResult:
     seconds: float
     flips: str = "none"
     coupling: list | None = None  # the ρ stated for the coupled colour channels (``coupling.estimate``), if coupled
+    var_scale: list | None = None  # the variance scale fitted to these images (``varscale``), if fitted
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -54,13 +55,16 @@ def dataset_nll(
     progress: bool = True,
     flips: str | None = None,
     coupling: bool | None = None,
+    fit_variance: bool | None = None,
 ) -> NllResult:
     """The bound of the K-step chain ``sched`` on uint8 images [N, H, W, C], in bits/dim. H = W is
     the model's image size or another tile size it takes (``codec.check_tile``: the network is
     fully convolutional). ``flips``: the network's flip ensemble (default the model's).
     ``coupling``: couple the colour channels with ρ measured on these images, as the encoder
-    does (``codec.use_coupling``; None: as the encoder's default)."""
-    from ddpm_codec.codec import use_coupling
+    does (``codec.use_coupling``; None: as the encoder's default). ``fit_variance``: scale the
+    error variance as fitted on these images, as the encoder does (``codec.use_fit``)."""
+    from ddpm_codec import varscale
+    from ddpm_codec.codec import measure_file, use_coupling, use_fit
 
     from ddpm_codec.checkpoint import takes_tile
 
@@ -70,11 +74,11 @@ def dataset_nll(
                          f"{model.image_size}×{model.image_size}×{model.channels}")
     variance = model.variance(sched, var_type)
     net = model.network(flips)
-    stated = None
-    if use_coupling(coupling, c, var_type, images.size):
-        stated = colour.estimate(net, model.schedule, [images.transpose(0, 3, 1, 2)], batch,
-                                 torch.Generator().manual_seed(0))
+    stated, scaled = measure_file(net, model, sched, var_type, [images.transpose(0, 3, 1, 2)], batch,
+                                  use_coupling(coupling, c, var_type, images.size),
+                                  use_fit(fit_variance, var_type, images.size))
     rho = None if stated is None else colour.table(stated, model.schedule.T)
+    scale = None if scaled is None else varscale.table(scaled, model.schedule.T, c)
     n = len(images)
     per_image = sched.K if method is BoundMethod.FULL else samples
     bar = tqdm(total=n * per_image, disable=not progress, file=sys.stderr, unit="img·step",
@@ -85,9 +89,11 @@ def dataset_nll(
         for i in range(0, n, batch):
             x0 = to_model_space(images[i:i + batch]).contiguous(memory_format=torch.channels_last)
             if method is BoundMethod.FULL:
-                terms = bound_full(net, sched, x0, gen, variance, progress=bar.update, coupling=rho)
+                terms = bound_full(net, sched, x0, gen, variance, progress=bar.update, coupling=rho,
+                                   scale=scale)
             else:
-                terms = bound_mc(net, sched, x0, gen, samples, variance, progress=bar.update, coupling=rho)
+                terms = bound_mc(net, sched, x0, gen, samples, variance, progress=bar.update, coupling=rho,
+                                 scale=scale)
             parts.append(torch.stack([terms.prior, terms.diffusion, terms.decoder], 1))
     bar.close()
     t = torch.cat(parts)  # [N, 3] bits/dim
@@ -99,5 +105,5 @@ def dataset_nll(
         stderr=float(total.std() / math.sqrt(n)) if n > 1 else float("nan"),
         n=n, steps=sched.K, method=method.value, variance=var_type.value, model=model.model_id,
         seconds=time.perf_counter() - t0, flips=model.flips_or_default(flips),
-        coupling=stated,
+        coupling=stated, var_scale=scaled,
     )

@@ -59,6 +59,7 @@ class ChainCoder:
     variance: "np.ndarray | LearnedVariance"  # σ_k² of p_θ, [K+1] (``model_variance``)
     grid_bits: int = 2
     coupling: np.ndarray | None = None  # a ρ table: p with coupled colour channels (``coupling``), coded R, G, B
+    scale: np.ndarray | None = None  # a variance scale table (``varscale``): p's error variance refitted per file
     delta: np.ndarray = field(init=False)  # grid widths δ_k, [K+1] (entry 0 unused: pixels)
 
     def __post_init__(self) -> None:
@@ -92,13 +93,13 @@ class ChainCoder:
 
     def _p(self, n_k: np.ndarray, k: int, shape: tuple[int, ...]) -> tuple[np.ndarray, "float | np.ndarray"]:
         """Mean of p_θ(x_{k−1} | x_k) given the grid indices of x_k, [B·D] float64, and its
-        variance: one number, or [B·D] for a learned variance."""
+        variance: one number, or [B·D] for a learned variance or a variance scale."""
         xt = torch.from_numpy((n_k * self.delta[k]).reshape(shape))
         kk = torch.full((shape[0],), k, dtype=torch.int64)
         with torch.no_grad():
-            step = p_step(self.net, self.sched, xt, kk, self.variance)
-        if isinstance(self.variance, LearnedVariance):
-            return step.mean.numpy().reshape(-1), step.var.numpy().reshape(-1)
+            step = p_step(self.net, self.sched, xt, kk, self.variance, scale=self.scale)
+        if isinstance(self.variance, LearnedVariance) or self.scale is not None:
+            return step.mean.numpy().reshape(-1), step.var.expand_as(step.mean).numpy().reshape(-1)
         return step.mean.numpy().reshape(-1), float(self.variance[k])
 
     def _p_frac(self, mean: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,10 @@ for such files. 10 is the lossless file of version 6 whose reverse steps couple 
 channels (header key "coupling": the ρ of the x̂_0 errors between channels that the encoder
 measured on the file's images, 7 rows of 3 integers in 1/256, ``coupling.ANCHORS``; each step
 coded R, then G given R, then B given both — ``coupling``); its "flips" key is optional (absent:
-the plain network). Writers use it only for such files.
+the plain network). Writers use it only for such files. 11 is the lossless file of version 6
+whose p's error variance is scaled per channel by the file's own fit (header key "var_scale":
+7 rows of one integer per channel in 1/256, ``varscale``); "flips" and "coupling" are optional.
+Writers use it only for such files.
 """
 from __future__ import annotations
 
@@ -49,14 +52,15 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DDPM"
-VERSION = 10  # the highest version this reader knows
+VERSION = 11  # the highest version this reader knows
 LOSSLESS_VERSION = 1
 LOSSLESS_TILED_VERSION = 5  # as 1, with tiles of a size other than the model's
 LOSSLESS_EVEN_VERSION = 6  # as 5, edge units not padded: unit sides split the image evenly (``codec.UnitLayout``)
 LOSSLESS_FLIPS_VERSION = 8  # as 6, the network a flip ensemble (header key "flips")
 LOSSLESS_COUPLED_VERSION = 10  # as 6, colour channels coupled (header key "coupling": ρ; "flips" optional)
+LOSSLESS_SCALED_VERSION = 11  # as 6, the error variance scaled (header key "var_scale"; "flips", "coupling" optional)
 LOSSLESS_VERSIONS = (LOSSLESS_VERSION, LOSSLESS_TILED_VERSION, LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION,
-                     LOSSLESS_COUPLED_VERSION)
+                     LOSSLESS_COUPLED_VERSION, LOSSLESS_SCALED_VERSION)
 LOSSY_VERSION = 2  # chunk counts listed
 LOSSY_PREDICTED_VERSION = 3  # chunk counts as differences from the model's prediction
 LOSSY_LEARNED_VERSION = 4  # as 3, with the learned variance: σ per dimension, chunks balanced by predicted KL
@@ -130,10 +134,11 @@ class Container:
 
 def header_flips(header: dict, flips_version: int) -> str:
     """The flip ensemble a header names: its "flips" (h or hv) in a ``flips_version`` file (and,
-    optionally, in a version-10 file), else "none"."""
-    if header["_version"] == LOSSLESS_COUPLED_VERSION and "flips" not in header:
+    optionally, in a version-10 or 11 file), else "none"."""
+    optional = (LOSSLESS_COUPLED_VERSION, LOSSLESS_SCALED_VERSION)
+    if header["_version"] in optional and "flips" not in header:
         return "none"
-    if header["_version"] not in (flips_version, LOSSLESS_COUPLED_VERSION):
+    if header["_version"] not in (flips_version, *optional):
         if "flips" in header:
             raise FormatError(f"header: flips in a version-{header['_version']} file")
         return "none"
@@ -148,9 +153,11 @@ def header_coupling(header: dict) -> list | None:
     integers, checked by ``coupling.check``), else None."""
     from ..coupling import check
 
-    if header["_version"] != LOSSLESS_COUPLED_VERSION:
+    if header["_version"] not in (LOSSLESS_COUPLED_VERSION, LOSSLESS_SCALED_VERSION):
         if "coupling" in header:
             raise FormatError(f"header: coupling in a version-{header['_version']} file")
+        return None
+    if header["_version"] == LOSSLESS_SCALED_VERSION and "coupling" not in header:
         return None
     stated = header.get("coupling")
     try:
@@ -159,7 +166,27 @@ def header_coupling(header: dict) -> list | None:
             raise ValueError("not rows of integers")
         check(stated)
     except ValueError as e:
-        raise FormatError(f"header: bad coupling in a version-{LOSSLESS_COUPLED_VERSION} file ({e})") from None
+        raise FormatError(f"header: bad coupling in a version-{header['_version']} file ({e})") from None
+    return stated
+
+
+def header_var_scale(header: dict, channels: int) -> list | None:
+    """The variance scale a header states (version 11: ``coupling.ANCHORS`` rows of ``channels``
+    integers, checked by ``varscale.check``), else None."""
+    from ..varscale import check
+
+    if header["_version"] != LOSSLESS_SCALED_VERSION:
+        if "var_scale" in header:
+            raise FormatError(f"header: var_scale in a version-{header['_version']} file")
+        return None
+    stated = header.get("var_scale")
+    try:
+        if not isinstance(stated, list) or not all(isinstance(r, list) and all(type(v) is int for v in r)
+                                                    for r in stated):
+            raise ValueError("not rows of integers")
+        check(stated, channels)
+    except ValueError as e:
+        raise FormatError(f"header: bad var_scale in a version-{LOSSLESS_SCALED_VERSION} file ({e})") from None
     return stated
 
 
