@@ -181,13 +181,20 @@ def _check_fit(fit: bool | None, lm, variance: str | None) -> None:
             raise InputError(f"--fit-variance: {e}") from None
 
 
+def _describe_fit(row: list[int]) -> str:
+    """A file's variance fit at t = 1, for ``info``."""
+    C = len(row) // 2
+    return ("variance fitted (at t = 1: scale " + ", ".join(f"{v / 256:.3f}" for v in row[:C])
+            + "; floor " + ", ".join(f"{a / 256:.2f}" for a in row[C:]) + " levels²), ")
+
+
 def fit_variance_option():
     """--fit-variance/--no-fit-variance: the file's own variance scale (``ddpm_codec.varscale``)."""
     return click.option(
         "--fit-variance/--no-fit-variance", "fit_variance", default=None,
-        help="Scale each reverse step's x̂_0-error variance per channel to fit the images being coded: "
-             "the encoder measures the scale at t = 1, 2, 4 … 64 on the same draws as --coupling (no extra "
-             "network calls) and states it in the header (format version 11). Helps images unlike the "
+        help="Refit each reverse step's x̂_0-error variance per channel to the images being coded, a scale "
+             "and an additive floor: the encoder fits both at t = 1, 2, 4 … 64 on the same draws as --coupling "
+             "(no extra network calls) and states them in the header (format version 11). Helps images unlike the "
              "model's training data (−0.04 bits/dim on held-out photo crops). Default: on for files of at "
              "least 49,152 values with the calibrated or learned variance; bits-back files only.")
 
@@ -706,8 +713,7 @@ def info(file, model, as_json):
                    f"σ² {i['variance']}, {units}, " + (f"flips {i['flips']}, " if i["flips"] != "none" else "")
                    + ("colours coupled (ρ at t = 1: " + ", ".join(f"{v / 256:.3f}" for v in i["coupling"][0]) + "), "
                       if i["coupling"] else "")
-                   + ("variance scaled (at t = 1: " + ", ".join(f"{v / 256:.3f}" for v in i["var_scale"][0]) + "), "
-                      if i["var_scale"] else "")
+                   + (_describe_fit(i["var_scale"][0]) if i["var_scale"] else "")
                    + f"{i['bytes']} bytes (initial bits {i['initial_bits']})")
 
 

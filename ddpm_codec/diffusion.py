@@ -207,8 +207,8 @@ def p_step(
 
     ``variance`` is the σ² table of ``model_variance`` (a ``LearnedVariance``: σ² per dimension
     from the network's s). The network runs in float32; the rest in the dtype of ``xt``
-    (float64 for the bound and the coder). ``scale``: a file's variance scale (a ``varscale.table``):
-    the error part of σ² times v_c(τ_k) per channel."""
+    (float64 for the bound and the coder). ``scale``: a file's variance fit (a ``varscale.table``):
+    the error part E of σ² becomes v_c(τ_k) E + c_k² a_c(τ_k) per channel."""
     eps, s = split_output(net(xt.to(torch.float32), net_timesteps(sched, k)), xt.shape[1])
     eps = eps.to(xt.dtype)
     pred_x0 = predict_x0(sched, xt, k, eps)
@@ -223,7 +223,8 @@ def p_step(
         var = at(variance, k, xt)
     if scale is not None:
         from .varscale import apply, at as scale_at
-        var = apply(var, at(sched.beta_tilde, k, xt), scale_at(scale, sched, k).to(xt.dtype))
+        var = apply(var, at(sched.beta_tilde, k, xt), at(sched.post_coef_x0, k, xt),
+                    scale_at(scale, sched, k).to(xt.dtype))
     return PStep(mean=mean, var=var, eps=eps, pred_x0=pred_x0)
 
 

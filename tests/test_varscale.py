@@ -46,39 +46,47 @@ def model(tmp_path_factory):
                                 out=d / "cal.pt")
 
 
-def test_stated_scale_is_checked_and_interpolated():
-    rows = [[300, 256, 512], [400, 300, 600], [500, 350, 700], [600, 400, 800], [700, 450, 900],
-            [800, 500, 1000], [900, 550, 1100]]
+def test_stated_fit_is_checked_and_interpolated():
+    rows = [[300, 256, 512, 0, 10, 100], [400, 300, 600, 20, 30, 40], [500, 350, 700, 0, 0, 0],
+            [600, 400, 800, 1, 2, 3], [700, 450, 900, 0, 0, 0], [800, 500, 1000, 5, 5, 5], [900, 550, 1100, 0, 0, 0]]
     t = varscale.table(rows, 1000, 3)
-    assert t.shape == (1001, 3)
-    np.testing.assert_array_equal(t[list(varscale.ANCHORS)] * 256, rows)
-    np.testing.assert_array_equal(t[3] * 256, [450, 325, 650])  # linear between anchors 2 and 4
+    assert t.shape == (1001, 6)
+    np.testing.assert_array_equal(t[list(varscale.ANCHORS), :3] * 256, np.asarray(rows)[:, :3])
+    np.testing.assert_allclose(t[list(varscale.ANCHORS), 3:] / varscale.FLOOR_UNIT, np.asarray(rows)[:, 3:], rtol=1e-12)
+    np.testing.assert_array_equal(t[3, :3] * 256, [450, 325, 650])  # linear between anchors 2 and 4
+    np.testing.assert_allclose(t[3, 3:] / varscale.FLOOR_UNIT, [10, 15, 20], rtol=1e-12)
     np.testing.assert_array_equal(t[500], t[64])  # the last anchor's above it
     np.testing.assert_array_equal(t[0], t[1])
-    assert varscale.table([[256]] * 7, 10, 1).shape == (11, 1)
-    for bad in (rows[:-1], [r[:2] for r in rows], [[15, 256, 256]] + rows[1:], [[256, 256, 64 * 256 + 1]] + rows[1:],
-                [[1.5, 256, 256]] + rows[1:]):
+    assert varscale.table([[256, 0]] * 7, 10, 1).shape == (11, 2)
+    for bad in (rows[:-1], [r[:3] for r in rows], [[15, 256, 256, 0, 0, 0]] + rows[1:],
+                [[256, 256, 64 * 256 + 1, 0, 0, 0]] + rows[1:], [[256, 256, 256, -1, 0, 0]] + rows[1:],
+                [[256, 256, 256, 0, 0, varscale.FLOOR_MAX + 1]] + rows[1:], [[1.5, 256, 256, 0, 0, 0]] + rows[1:]):
         with pytest.raises(ValueError):
             varscale.check(bad, 3)
 
 
-def test_apply_scales_only_the_error_part():
+def test_apply_refits_only_the_error_part():
     var = torch.tensor([[[[0.5]], [[0.9]]]], dtype=torch.float64)
-    bt = torch.tensor(0.25, dtype=torch.float64)
-    v = torch.tensor([2.0, 0.5], dtype=torch.float64).reshape(1, 2, 1, 1)
-    np.testing.assert_allclose(varscale.apply(var, bt, v).reshape(-1).numpy(), [0.25 + 2 * 0.25, 0.25 + 0.5 * 0.65])
+    bt, coef = torch.tensor(0.25, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    fit = torch.tensor([2.0, 0.5, 0.0, 0.4], dtype=torch.float64).reshape(1, 4, 1, 1)
+    np.testing.assert_allclose(varscale.apply(var, bt, coef, fit).reshape(-1).numpy(),
+                               [0.25 + 2 * 0.25, 0.25 + 0.5 * 0.65 + 0.25 * 0.4])
 
 
 def test_golden_finds_the_minimum():
     for target in (0.1, 1.0, 3.7, 50.0):
         got = varscale.golden(lambda v: (math.log(v) - math.log(target)) ** 2)
-        assert got == pytest.approx(target, rel=1e-6)
-    assert varscale.golden(lambda v: -v) == pytest.approx(varscale.V_MAX, rel=1e-6)  # clamped to the range
+        assert got == pytest.approx(target, rel=1e-5)
+    assert varscale.golden(lambda v: -v) == pytest.approx(varscale.V_MAX, rel=1e-5)  # clamped to the range
+    assert varscale.golden(lambda x: (x - 0.3) ** 2, 0.0, 1.0, log=False) == pytest.approx(0.3, abs=1e-6)
+    v, a = varscale.fit_pair(lambda v, a: (math.log(v) - math.log(2.0)) ** 2 + (a - 1e-4) ** 2 * 1e8)
+    assert v == pytest.approx(2.0, rel=1e-4) and a == pytest.approx(1e-4, rel=1e-3)
 
 
 def test_the_fit_minimises_the_decoder_term_and_sees_extra_noise(model):
-    """On noisier images than the model's training data the fitted v exceeds 1; at t = 1 it is
-    the minimum over a grid of v of the decoder term the file pays (the bound's L_0 at k = 1)."""
+    """On noisier images than the model's training data the fitted variance is larger; at t = 1
+    the fitted (v, a) is as good as the best of a grid for the decoder term the file pays (the
+    bound's L_0 at k = 1) on the same draw."""
     sched = model.chain(10)
     var_type = VarianceType.CALIBRATED
 
@@ -88,7 +96,13 @@ def test_the_fit_minimises_the_decoder_term_and_sees_extra_noise(model):
 
     clean, imgs = squares(32, 2.0, seed=3), squares(32, 20.0, seed=3)
     rows, rows_clean = fit(imgs), fit(clean)
-    assert rows.shape == (7, 3) and np.all(rows[:3] > 256) and np.all(rows[:3] > rows_clean[:3] + 16), (rows, rows_clean)
+    assert rows.shape == (7, 6), rows
+    # noisier images: a larger variance, through the scale or the floor (in x̂_0 units at t = 1)
+    e1 = model.error_table(VarianceType.CALIBRATED)[1]
+
+    def spread(r):
+        return r[:3] / 256 * e1 + r[3:] * varscale.FLOOR_UNIT
+    assert np.all(spread(rows[0]) > 1.1 * spread(rows_clean[0])), (rows[0], rows_clean[0])
 
     # the decoder cost on the same draw the fit used (anchor t = 1 is the first draw of seed 0)
     x0 = to_model_space(imgs)
@@ -99,14 +113,14 @@ def test_the_fit_minimises_the_decoder_term_and_sees_extra_noise(model):
     with torch.no_grad():
         eps, _ = split_output(model.net(xt, net_timesteps(full, k1)), 3)
     xhat = predict_x0(full, xt, k1, eps).clamp(-1, 1).double()
-    e1 = model.error_table(var_type)[1]
     for c in range(3):
-        def cost(v):
+        def cost(v, a):
             return float(-discretized_gaussian_log_prob(x0[:, c].double(), xhat[:, c],
-                                                        torch.sqrt(torch.tensor(v * e1))).sum())
-        grid = np.exp(np.linspace(math.log(0.25), math.log(30), 400))
-        best = grid[int(np.argmin([cost(v) for v in grid]))]
-        assert rows[0, c] / 256 == pytest.approx(best, rel=0.03), (c, rows[0, c] / 256, best)
+                                                        torch.sqrt(torch.tensor(v * e1 + a))).sum())
+        fitted = cost(rows[0, c] / 256, rows[0, 3 + c] * varscale.FLOOR_UNIT)
+        grid = min(cost(v, a) for v in np.exp(np.linspace(math.log(0.1), math.log(30), 60))
+                   for a in np.linspace(0, 4, 41) ** 2 * (2 / 255) ** 2)
+        assert fitted <= grid + 1e-3 * abs(grid), (c, rows[0], fitted, grid)
 
 
 def test_a_fitted_scale_lowers_the_bound_and_the_file_and_decodes_exactly(model, monkeypatch):
@@ -116,7 +130,7 @@ def test_a_fitted_scale_lowers_the_bound_and_the_file_and_decodes_exactly(model,
     res = encode_lossless(named, model, steps=10, batch=24, fit_variance=True)
     assert plain.data[4] != LOSSLESS_SCALED_VERSION and res.data[4] == LOSSLESS_SCALED_VERSION
     stated = info(res.data)["var_scale"]
-    assert info(plain.data)["var_scale"] is None and np.asarray(stated).shape == (7, 3)
+    assert info(plain.data)["var_scale"] is None and np.asarray(stated).shape == (7, 6)
     for r in (plain, res):
         assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(named, decode(r.data, model).images))
     sched = model.chain(10)
@@ -150,15 +164,17 @@ def test_scaled_headers_are_checked(model):
     with pytest.raises(FormatError, match="var_scale"):  # var_scale in a version-6 file
         decode(Container(h, c.payload, LOSSLESS_EVEN_VERSION).to_bytes(), model)
     rows = h["var_scale"]
-    for bad in (None, "xyz", rows[:-1], [[1.5, 256, 256]] + rows[1:], [[0, 256, 256]] + rows[1:], [r[:1] for r in rows]):
+    for bad in (None, "xyz", rows[:-1], [[1.5] + rows[0][1:]] + rows[1:], [[0] + rows[0][1:]] + rows[1:],
+                [rows[0][:3] + [-1, 0, 0]] + rows[1:], [r[:3] for r in rows]):
         h2 = {k: v for k, v in h.items() if k != "var_scale"}
         if bad is not None:
             h2["var_scale"] = bad
         with pytest.raises(FormatError, match="var_scale"):
             decode(Container(h2, c.payload, LOSSLESS_SCALED_VERSION).to_bytes(), model)
-    h2 = {**h, "var_scale": [[r[0] + 1, r[1], r[2]] for r in rows]}  # another scale: the pixels come out wrong
-    with pytest.raises(DecodeError):
-        decode(Container(h2, c.payload, LOSSLESS_SCALED_VERSION).to_bytes(), model)
+    for i in (0, 3):  # another scale or floor: the pixels come out wrong
+        h2 = {**h, "var_scale": [r[:i] + [r[i] + 40] + r[i + 1:] for r in rows]}
+        with pytest.raises(DecodeError):
+            decode(Container(h2, c.payload, LOSSLESS_SCALED_VERSION).to_bytes(), model)
 
 
 def test_cli_encode_info_decode_nll(model, tmp_path):
@@ -172,7 +188,7 @@ def test_cli_encode_info_decode_nll(model, tmp_path):
     out = tmp_path / "x.ddpm"
     assert out.read_bytes()[4] == LOSSLESS_SCALED_VERSION
     r = runner.invoke(cli, ["info", str(out), "--model", src])
-    assert r.exit_code == 0 and "variance scaled" in r.output, r.output
+    assert r.exit_code == 0 and "variance fitted" in r.output, r.output
     r = runner.invoke(cli, ["decode", str(out), "--model", src, "-o", str(tmp_path / "back.png")])
     assert r.exit_code == 0, r.output
     assert np.array_equal(np.asarray(Image.open(tmp_path / "back.png")), np.asarray(Image.open(img)))
@@ -184,7 +200,7 @@ def test_cli_encode_info_decode_nll(model, tmp_path):
                                 "--steps", "6", "--json", flag])
         assert r.exit_code == 0, r.output
         vals[flag] = json.loads(r.stdout)
-    assert np.asarray(vals["--fit-variance"]["var_scale"]).shape == (7, 3)
+    assert np.asarray(vals["--fit-variance"]["var_scale"]).shape == (7, 6)
     assert vals["--no-fit-variance"]["var_scale"] is None
     assert vals["--fit-variance"]["bits_per_dim"] != vals["--no-fit-variance"]["bits_per_dim"]  # lower: above
     r = runner.invoke(cli, ["encode", str(img), "--model", src, "--lossy", "--fit-variance",

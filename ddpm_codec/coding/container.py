@@ -37,8 +37,9 @@ channels (header key "coupling": the ρ of the x̂_0 errors between channels tha
 measured on the file's images, 7 rows of 3 integers in 1/256, ``coupling.ANCHORS``; each step
 coded R, then G given R, then B given both — ``coupling``); its "flips" key is optional (absent:
 the plain network). Writers use it only for such files. 11 is the lossless file of version 6
-whose p's error variance is scaled per channel by the file's own fit (header key "var_scale":
-7 rows of one integer per channel in 1/256, ``varscale``); "flips" and "coupling" are optional.
+whose p's error variance is refitted per channel to the file's images (header key "var_scale":
+7 rows of 2 integers per channel, a scale in 1/256 and a floor in 1/256 of a pixel level
+squared, ``varscale``); "flips" and "coupling" are optional.
 Writers use it only for such files.
 """
 from __future__ import annotations
