@@ -334,7 +334,7 @@ def encode_lossless(
     side (default ``unit_size``'s; a size other than the model's writes format version 5).
     ``flips``: the network's flip ensemble (``diffusion.FlipEnsemble``; default the model's; one
     writes format version 8). ``coupling``: couple the colour channels (``ddpm_codec.coupling``:
-    ρ measured on these images, stated in the header; format version 10). None: for colour
+    ρ measured on these images, stated in the header; format version 10, or 11 with a variance fit). None: for colour
     images of at least ``coupling.MIN_DIMS`` values with a calibrated or learned variance.
     ``fit_variance``: scale p's error variance per channel to fit these images (``varscale``,
     stated in the header; format version 11). None: for images of at least ``varscale.MIN_DIMS``
