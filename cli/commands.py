@@ -181,11 +181,14 @@ def _check_fit(fit: bool | None, lm, variance: str | None) -> None:
             raise InputError(f"--fit-variance: {e}") from None
 
 
-def _describe_fit(row: list[int]) -> str:
-    """A file's variance fit at t = 1, for ``info``."""
-    C = len(row) // 2
-    return ("variance fitted (at t = 1: scale " + ", ".join(f"{v / 256:.3f}" for v in row[:C])
-            + "; floor " + ", ".join(f"{a / 256:.2f}" for a in row[C:]) + " levels²), ")
+def _describe_fit(fits: list) -> str:
+    """A file's variance fits at t = 1, for ``info``."""
+    def one(row):
+        C = len(row) // 2
+        return ("scale " + ", ".join(f"{v / 256:.3f}" for v in row[:C])
+                + "; floor " + ", ".join(f"{a / 256:.2f}" for a in row[C:]) + " levels²")
+    return ("variance fitted (at t = 1: " + " | ".join(one(f[0]) for f in fits)
+            + (f"; {len(fits)} fits, one per large image" if len(fits) > 1 else "") + "), ")
 
 
 def fit_variance_option():
@@ -714,7 +717,7 @@ def info(file, model, as_json):
                    f"σ² {i['variance']}, {units}, " + (f"flips {i['flips']}, " if i["flips"] != "none" else "")
                    + ("colours coupled (ρ at t = 1: " + ", ".join(f"{v / 256:.3f}" for v in i["coupling"][0]) + "), "
                       if i["coupling"] else "")
-                   + (_describe_fit(i["var_scale"][0]) if i["var_scale"] else "")
+                   + (_describe_fit(i["var_scale"]) if i["var_scale"] else "")
                    + f"{i['bytes']} bytes (initial bits {i['initial_bits']})")
 
 
@@ -766,7 +769,7 @@ def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_boun
                          network_alone=not no_network_alone, tile=tile, flips=flips, coupling=coupling,
                          fit_variance=fit_variance)
         r["model"] = lm.model_id
-        click.echo(f"K={K} b={b} tile {r['tile']} flips {r['flips']} coupling {r['coupling']} var_scale {r['var_scale']}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
+        click.echo(f"K={K} b={b} tile {r['tile']} flips {r['flips']} coupling {r['coupling']} var_scale {r['var_scale']} of {r['var_scale_of']}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
                    + (f", bound {r['bound_bits_per_dim']:.4f} (×{r['net_over_bound']:.3f})" if "bound_bits_per_dim" in r else "")
                    + f", initial {r['initial_bits_per_dim']:.3f} bpd, encode {r['encode_s']:.1f}s"
                    + (f" (network alone {r['network_only_s']:.1f}s)" if r["network_only_s"] else "")

@@ -356,10 +356,13 @@ def encode_lossless(
     sched = model.chain(steps, spacing)
     timed = _TimedNet(model.network(flips))
     dims = sum(im.size for _, im in images)
+    fit_of = varscale.assign([im.size for _, im in images])
+    unit_fits = unit_tags(layout, shapes, fit_of)
     stated, scaled = measure_file(timed, model, sched, var_type, groups, batch,
-                                  use_coupling(coupling, C, var_type, dims), use_fit(fit_variance, var_type, dims))
+                                  use_coupling(coupling, C, var_type, dims), use_fit(fit_variance, var_type, dims),
+                                  unit_fits=unit_fits)
     rho = None if stated is None else colour.table(stated, model.schedule.T)
-    scale = None if scaled is None else varscale.table(scaled, model.schedule.T, C)
+    scale = None if scaled is None else varscale.tables(scaled, model.schedule.T, C)
     coder = ChainCoder(timed, sched, model.variance(sched, var_type), grid_bits, rho, scale)
     threads = torch.get_num_threads()
     sizes, spans = group_batches(groups, batch, first_batch)
@@ -375,7 +378,7 @@ def encode_lossless(
         lowest = [start]
         with torch_threads(threads):
             for g, a, b in spans:
-                coder.encode(stack, groups[g][a:b], on_step=lambda s: lowest.append(s.bits()))
+                coder.encode(stack, groups[g][a:b], on_step=lambda s: lowest.append(s.bits()), fits=unit_fits[g][a:b])
                 if progress:
                     progress(b - a)
         if min(lowest) >= 64 + 2 * 32:  # the seed was never exhausted
@@ -398,6 +401,7 @@ def encode_lossless(
         **({"flips": flips} if flips != "none" else {}),
         **({"coupling": stated} if stated is not None else {}),
         **({"var_scale": scaled} if scaled is not None else {}),
+        **({"var_scale_of": fit_of} if scaled is not None and len(scaled) > 1 else {}),
         "channels": C,
         "names": pack_names([name for name, _ in images]),
         "shapes": [[int(im.shape[0]), int(im.shape[1])] for _, im in images],
@@ -442,21 +446,32 @@ def use_fit(fit: bool | None, var_type: VarianceType, dims: int) -> bool:
     return fittable(var_type) and (fit if fit is not None else dims >= varscale.MIN_DIMS)
 
 
+def unit_tags(layout: "UnitLayout", shapes: list[tuple[int, int]], per_image: list[int]) -> list[np.ndarray]:
+    """``per_image``'s entry of each unit's image, per group of units (as ``layout.cut`` orders them)."""
+    return [np.array([per_image[i] for i, _ in members], dtype=np.int64) for _, members in layout.groups(shapes)]
+
+
 def measure_file(net, model: LoadedModel, sched, var_type: VarianceType, units: list[np.ndarray], batch: int,
-                 rho: bool, scale: bool, progress: Callable[[int], None] | None = None
-                 ) -> tuple[list | None, list | None]:
+                 rho: bool, scale: bool, progress: Callable[[int], None] | None = None,
+                 unit_fits: list[np.ndarray] | None = None) -> tuple[list | None, list | None]:
     """What the encoder states about its own images, from one draw per unit at each anchor
-    (``coupling.anchor_errors``): the colour coupling's ρ if ``rho``, the variance scale
-    (fitted for the chain ``sched``) if ``scale``; each None when not asked for."""
+    (``coupling.anchor_errors``): the colour coupling's ρ (of all units) if ``rho``; if ``scale``,
+    the variance fits (for the chain ``sched``), one per index in ``unit_fits`` (each unit's
+    fit, per group; None: one fit for all); each None when not asked for."""
     if not (rho or scale):
         return None, None
-    fits = [colour.RhoFit() if rho else None,
-            varscale.Fit(model.error_table(var_type), sched, model.channels) if scale else None]
-    for item in colour.anchor_errors(net, model.schedule, units, batch, torch.Generator().manual_seed(0), progress):
-        for f in fits:
-            if f is not None:
-                f.add(*item)
-    return tuple(None if f is None else f.rows() for f in fits)
+    n_fits = 1 if unit_fits is None else 1 + max(int(f.max()) for f in unit_fits if len(f))
+    rho_fit = colour.RhoFit() if rho else None
+    fits = [varscale.Fit(model.error_table(var_type), sched, model.channels) for _ in range(n_fits)] if scale else []
+    for t, x0, err, es, tag in colour.anchor_errors(net, model.schedule, units, batch,
+                                                     torch.Generator().manual_seed(0), progress, unit_fits):
+        if rho_fit is not None:
+            rho_fit.add(t, x0, err, es)
+        for j, f in enumerate(fits):
+            sel = slice(None) if tag is None else torch.from_numpy(tag == j)
+            if tag is None or bool(sel.any()):
+                f.add(t, x0[sel], err[sel], None if es is None else es[sel])
+    return (None if rho_fit is None else rho_fit.rows()), ([f.rows() for f in fits] if scale else None)
 
 
 def header_steps(spec: dict, model: LoadedModel | None) -> list[int] | None:
@@ -477,10 +492,15 @@ def info(data: bytes, model: LoadedModel | None = None) -> dict:
             "schedule": h["schedule"]["kind"], "T": h["schedule"]["T"],
             "variance": h["variance"], "grid_bits": h["grid_bits"], "tile": h["tile"], "ramp": h.get("ramp", 0),
             "flips": header_flips(h, LOSSLESS_FLIPS_VERSION), "coupling": header_coupling(h),
-            "var_scale": header_var_scale(h, int(h.get("channels", 1))),
+            "var_scale": _fits(h), "var_scale_of": _fits(h, 1),
             "bytes": len(data),
             "payload_words": h["payload_words"], "initial_bits": 32 * (h["seed_words"]["count"] -
                                                                          h["seed_words"]["dropped"])}
+
+
+def _fits(h: dict, part: int = 0):
+    fits = header_var_scale(h, int(h.get("channels", 1)), len(h.get("shapes", [])))
+    return None if fits is None else fits[part]
 
 
 def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | None = None) -> DecodeResult:
@@ -501,8 +521,8 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         flips = header_flips(h, LOSSLESS_FLIPS_VERSION)
         stated = header_coupling(h)
         rho = None if stated is None else colour.table(stated, model.schedule.T)
-        scaled = header_var_scale(h, C)
-        scale = None if scaled is None else varscale.table(scaled, model.schedule.T, C)
+        scaled = header_var_scale(h, C, len(h["shapes"]))
+        scale = None if scaled is None else varscale.tables(scaled[0], model.schedule.T, C)
         if not even and (size != model.image_size) != (c.version == LOSSLESS_TILED_VERSION):
             raise FormatError(f"header: tile {size} in a version-{c.version} file")
         check_tile(size, model)
@@ -528,6 +548,7 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         if sum(sizes) != ends[-1] or min(sizes) < 1:
             raise FormatError("header: batch sizes do not add up to the units")
         spans = group_spans(sizes, ends)
+        unit_fits = unit_tags(layout, shapes, scaled[1] if scaled is not None else [0] * len(shapes))
         seeds = seed_words(int(h["seed_words"]["count"]))
         dropped = int(h["seed_words"]["dropped"])
         threads = int(h["threads"])
@@ -540,7 +561,7 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
     try:
         with torch_threads(threads):
             for g, a, b in reversed(spans):
-                units[g][a:b] = coder.decode(stack, (b - a, *units[g].shape[1:]))
+                units[g][a:b] = coder.decode(stack, (b - a, *units[g].shape[1:]), unit_fits[g][a:b])
                 if progress:
                     progress(b - a)
     except ValueError as e:

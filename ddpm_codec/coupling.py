@@ -154,18 +154,19 @@ def table(stated, T: int) -> np.ndarray:
 
 
 def anchor_errors(net, sched, units: list[np.ndarray], batch: int, gen: torch.Generator,
-                  progress: Callable[[int], None] | None = None):
+                  progress: Callable[[int], None] | None = None, tags: list[np.ndarray] | None = None):
     """For each anchor t ≤ the schedule's length and each batch of the units (uint8 [n, C, h, w]
-    arrays, one per shape): (t, x_0, err, exp(s) or None), with x_t drawn from q at network step t
-    of the model's full schedule ``sched`` (one draw per unit) and err = clipped x̂_0 − x_0,
-    float64 [b, C, h, w]: the draws a file's ρ and its variance scale (``varscale``) are measured on."""
+    arrays, one per shape): (t, x_0, err, exp(s) or None, tag), with x_t drawn from q at network
+    step t of the model's full schedule ``sched`` (one draw per unit), err = clipped x̂_0 − x_0,
+    float64 [b, C, h, w], and tag the batch's part of ``tags`` (one array per shape, one entry per
+    unit; None without): the draws a file's ρ and its variance fit (``varscale``) are measured on."""
     from .data import to_model_space
     from .diffusion import exp_s, net_timesteps, predict_x0, q_sample, split_output
 
     for t in ANCHORS:
         if t > sched.K:
             return
-        for u8 in units:
+        for g, u8 in enumerate(units):
             for i in range(0, len(u8), batch):
                 x0 = to_model_space(u8[i:i + batch].transpose(0, 2, 3, 1))
                 k = torch.full((x0.shape[0],), t, dtype=torch.int64)
@@ -173,7 +174,7 @@ def anchor_errors(net, sched, units: list[np.ndarray], batch: int, gen: torch.Ge
                 with torch.no_grad():
                     eps, s = split_output(net(xt, net_timesteps(sched, k)), x0.shape[1])
                 err = predict_x0(sched, xt, k, eps).clamp(-1, 1).double() - x0.double()
-                yield t, x0.double(), err, None if s is None else exp_s(s)
+                yield t, x0.double(), err, None if s is None else exp_s(s), None if tags is None else tags[g][i:i + batch]
                 if progress:
                     progress(len(x0))
 
@@ -212,6 +213,6 @@ def estimate(net, sched, units: list[np.ndarray], batch: int, gen: torch.Generat
     """The ρ a file states (``RhoFit``), measured on its own units (uint8 [n, 3, h, w] arrays, one
     per shape), one draw of x_t per unit at each anchor. ``sched``: the model's full schedule. Encoder only."""
     fit = RhoFit()
-    for item in anchor_errors(net, sched, units, batch, gen, progress):
-        fit.add(*item)
+    for t, x0, err, es, _ in anchor_errors(net, sched, units, batch, gen, progress):
+        fit.add(t, x0, err, es)
     return fit.rows()

@@ -83,9 +83,30 @@ def apply(var: torch.Tensor, beta_tilde: torch.Tensor, coef: torch.Tensor, fit: 
     return beta_tilde + (var - beta_tilde) * fit[:, :C] + coef * coef * fit[:, C:]
 
 
+def tables(fits: list, T: int, channels: int) -> np.ndarray:
+    """A file's fits (each as ``table`` takes it) as [F, T+1, 2C]."""
+    return np.stack([table(f, T, channels) for f in fits])
+
+
+def assign(sizes: list[int]) -> list[int]:
+    """Which fit each of a file's images (of ``sizes`` values) gets: its own for images of at least
+    MIN_DIMS values, one shared by the others (fit 0) — all share one if none is that large."""
+    big = [s >= MIN_DIMS for s in sizes]
+    if len(sizes) == 1 or not any(big):
+        return [0] * len(sizes)
+    out, n = [], 0 if all(big) else 1
+    for b in big:
+        out.append(n if b else 0)
+        n += b
+    return out
+
+
 def at(scale: np.ndarray, sched, k: torch.Tensor) -> torch.Tensor:
-    """Each image's (v, a) at its step k (``scale`` a ``table``) as [B, 2C, 1, 1] float64."""
-    v = np.asarray(scale, dtype=np.float64)[sched.timesteps[k.cpu().numpy()]]
+    """Each image's (v, a) at its step k as [B, 2C, 1, 1] float64: ``scale`` one ``table`` for all,
+    or [B, T+1, 2C], one per image."""
+    ts = sched.timesteps[k.cpu().numpy()]
+    scale = np.asarray(scale, dtype=np.float64)
+    v = scale[ts] if scale.ndim == 2 else scale[np.arange(len(ts)), ts]
     return torch.from_numpy(v).reshape(v.shape[0], v.shape[1], 1, 1)
 
 

@@ -73,10 +73,10 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
             net_only = network_only_seconds(model, groups, K, batch, pb.update, flips)
     payload_bits = 8 * (len(res.data) - res.header_bytes) - res.initial_bits
     about = info(res.data)
-    stated, scaled = about["coupling"], about["var_scale"]
+    stated, scaled, scaled_of = about["coupling"], about["var_scale"], about["var_scale_of"]
     out = {
         "images": len(images), "dims": res.dims, "steps": K, "tile": tile, "flips": flips,
-        "coupling": stated, "var_scale": scaled, "variance": res.variance, "grid_bits": grid_bits,
+        "coupling": stated, "var_scale": scaled, "var_scale_of": scaled_of, "variance": res.variance, "grid_bits": grid_bits,
         "spacing": spacing or ("optimal" if model.x0_mse is not None else "even"),
         "batch": batch, "bytes": len(res.data), "bits_per_dim": res.bits_per_dim,
         "initial_bits": res.initial_bits, "initial_bits_per_dim": res.initial_bits / res.dims,
@@ -95,11 +95,11 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
         var_type = VarianceType(res.variance)
         # the bound with the file's own ρ and variance scale
         var, rho = model.variance(sched, var_type), None if stated is None else table(stated, model.schedule.T)
-        scale = None if scaled is None else varscale.table(scaled, model.schedule.T, model.channels)
+        scale = None if scaled is None else varscale.tables(scaled, model.schedule.T, model.channels)[scaled_of]
         net = model.network(flips)
         with torch.no_grad():
             b = torch.cat([bound_full(net, sched, x0[i:i + batch], torch.Generator().manual_seed(i), var,
-                                      coupling=rho, scale=scale).total
+                                      coupling=rho, scale=None if scale is None else scale[i:i + batch]).total
                            for i in range(0, len(x0), batch)])
         out["bound_bits_per_dim"] = float(b.mean())
         out["net_over_bound"] = out["net_bits_per_dim"] / out["bound_bits_per_dim"]

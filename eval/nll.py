@@ -37,7 +37,7 @@ class NllResult:
     seconds: float
     flips: str = "none"
     coupling: list | None = None  # the ρ stated for the coupled colour channels (``coupling.estimate``), if coupled
-    var_scale: list | None = None  # the variance scale fitted to these images (``varscale``), if fitted
+    var_scale: list | None = None  # the variance fit of these images, as a list of one (``varscale``), if fitted
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -61,8 +61,10 @@ def dataset_nll(
     the model's image size or another tile size it takes (``codec.check_tile``: the network is
     fully convolutional). ``flips``: the network's flip ensemble (default the model's).
     ``coupling``: couple the colour channels with ρ measured on these images, as the encoder
-    does (``codec.use_coupling``; None: as the encoder's default). ``fit_variance``: scale the
-    error variance as fitted on these images, as the encoder does (``codec.use_fit``)."""
+    does (``codec.use_coupling``; None: as the encoder's default). ``fit_variance``: refit the
+    error variance to these images, as the encoder does (``codec.use_fit``) — but one fit for
+    all the images, where the encoder fits each image of at least ``varscale.MIN_DIMS`` values
+    apart."""
     from ddpm_codec import varscale
     from ddpm_codec.codec import measure_file, use_coupling, use_fit
 
@@ -78,7 +80,7 @@ def dataset_nll(
                                   use_coupling(coupling, c, var_type, images.size),
                                   use_fit(fit_variance, var_type, images.size))
     rho = None if stated is None else colour.table(stated, model.schedule.T)
-    scale = None if scaled is None else varscale.table(scaled, model.schedule.T, c)
+    scale = None if scaled is None else varscale.tables(scaled, model.schedule.T, c)[0]  # one fit for all
     n = len(images)
     per_image = sched.K if method is BoundMethod.FULL else samples
     bar = tqdm(total=n * per_image, disable=not progress, file=sys.stderr, unit="img·step",

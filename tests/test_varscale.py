@@ -92,7 +92,8 @@ def test_the_fit_minimises_the_decoder_term_and_sees_extra_noise(model):
 
     def fit(imgs):
         _, rows = measure_file(model.net, model, sched, var_type, [imgs.transpose(0, 3, 1, 2)], 32, False, True)
-        return np.asarray(rows)
+        assert len(rows) == 1  # one fit for all
+        return np.asarray(rows[0])
 
     clean, imgs = squares(32, 2.0, seed=3), squares(32, 20.0, seed=3)
     rows, rows_clean = fit(imgs), fit(clean)
@@ -130,7 +131,8 @@ def test_a_fitted_scale_lowers_the_bound_and_the_file_and_decodes_exactly(model,
     res = encode_lossless(named, model, steps=10, batch=24, fit_variance=True)
     assert plain.data[4] != LOSSLESS_SCALED_VERSION and res.data[4] == LOSSLESS_SCALED_VERSION
     stated = info(res.data)["var_scale"]
-    assert info(plain.data)["var_scale"] is None and np.asarray(stated).shape == (7, 6)
+    assert info(plain.data)["var_scale"] is None and np.asarray(stated).shape == (1, 7, 6)
+    assert info(res.data)["var_scale_of"] == [0] * 24 and "var_scale_of" not in Container.from_bytes(res.data).header
     for r in (plain, res):
         assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(named, decode(r.data, model).images))
     sched = model.chain(10)
@@ -140,7 +142,7 @@ def test_a_fitted_scale_lowers_the_bound_and_the_file_and_decodes_exactly(model,
         return bound_full(model.net, sched, to_model_space(imgs), torch.Generator().manual_seed(0), var,
                           scale=scale).total.mean().item()
 
-    b_plain, b_fit = bound(None), bound(varscale.table(stated, model.schedule.T, 3))
+    b_plain, b_fit = bound(None), bound(varscale.table(stated[0], model.schedule.T, 3))
     assert b_fit < b_plain - 0.005, (b_fit, b_plain)
     net = lambda r: (8 * (len(r.data) - r.header_bytes) - r.initial_bits) / r.dims  # noqa: E731
     assert net(res) == pytest.approx(b_fit, rel=0.05) and net(plain) == pytest.approx(b_plain, rel=0.05)
@@ -163,16 +165,16 @@ def test_scaled_headers_are_checked(model):
     h = {k: v for k, v in c.header.items() if not k.startswith("_")}
     with pytest.raises(FormatError, match="var_scale"):  # var_scale in a version-6 file
         decode(Container(h, c.payload, LOSSLESS_EVEN_VERSION).to_bytes(), model)
-    rows = h["var_scale"]
-    for bad in (None, "xyz", rows[:-1], [[1.5] + rows[0][1:]] + rows[1:], [[0] + rows[0][1:]] + rows[1:],
-                [rows[0][:3] + [-1, 0, 0]] + rows[1:], [r[:3] for r in rows]):
+    rows = h["var_scale"][0]
+    for bad in (None, "xyz", [], [rows[:-1]], [[[1.5] + rows[0][1:]] + rows[1:]], [[[0] + rows[0][1:]] + rows[1:]],
+                [[rows[0][:3] + [-1, 0, 0]] + rows[1:]], [[r[:3] for r in rows]], rows, [rows, rows]):
         h2 = {k: v for k, v in h.items() if k != "var_scale"}
         if bad is not None:
             h2["var_scale"] = bad
         with pytest.raises(FormatError, match="var_scale"):
             decode(Container(h2, c.payload, LOSSLESS_SCALED_VERSION).to_bytes(), model)
     for i in (0, 3):  # another scale or floor: the pixels come out wrong
-        h2 = {**h, "var_scale": [r[:i] + [r[i] + 40] + r[i + 1:] for r in rows]}
+        h2 = {**h, "var_scale": [[r[:i] + [r[i] + 40] + r[i + 1:] for r in rows]]}
         with pytest.raises(DecodeError):
             decode(Container(h2, c.payload, LOSSLESS_SCALED_VERSION).to_bytes(), model)
 
@@ -200,7 +202,7 @@ def test_cli_encode_info_decode_nll(model, tmp_path):
                                 "--steps", "6", "--json", flag])
         assert r.exit_code == 0, r.output
         vals[flag] = json.loads(r.stdout)
-    assert np.asarray(vals["--fit-variance"]["var_scale"]).shape == (7, 6)
+    assert np.asarray(vals["--fit-variance"]["var_scale"]).shape == (1, 7, 6)
     assert vals["--no-fit-variance"]["var_scale"] is None
     assert vals["--fit-variance"]["bits_per_dim"] != vals["--no-fit-variance"]["bits_per_dim"]  # lower: above
     r = runner.invoke(cli, ["encode", str(img), "--model", src, "--lossy", "--fit-variance",
@@ -209,3 +211,40 @@ def test_cli_encode_info_decode_nll(model, tmp_path):
     r = runner.invoke(cli, ["encode", str(img), "--model", src, "--method", "bits-back", "--variance", "beta_tilde",
                             "--fit-variance", "-o", str(tmp_path / "b.ddpm")])
     assert r.exit_code == 2 and "--fit-variance: a variance scale needs" in r.output, r.output
+
+
+def test_assign_gives_large_images_their_own_fit(monkeypatch):
+    monkeypatch.setattr(varscale, "MIN_DIMS", 100)
+    assert varscale.assign([50]) == [0] and varscale.assign([500]) == [0]
+    assert varscale.assign([50, 60, 70]) == [0, 0, 0]
+    assert varscale.assign([500, 600]) == [0, 1]
+    assert varscale.assign([500, 50, 600, 60]) == [1, 0, 2, 0]
+
+
+def test_each_large_image_gets_its_own_fit(model, monkeypatch):
+    """Two noisy images and a clean one, each of at least MIN_DIMS values: three fits, the
+    noisy images' larger; exact, and the fits cannot be swapped."""
+    monkeypatch.setattr(varscale, "MIN_DIMS", 300)
+    def mosaic(noise, seed):  # 16×24: six 8×8 squares
+        return squares(6, noise, seed).reshape(2, 3, 8, 8, 3).transpose(0, 2, 1, 3, 4).reshape(16, 24, 3)
+    clean, noisy, small = mosaic(1.0, 4), [mosaic(40.0, 5), mosaic(40.0, 6)], squares(1, 10.0, 7)[0]
+    named = [("n0.png", noisy[0]), ("c.png", clean), ("s.png", small), ("n1.png", noisy[1])]
+    res = encode_lossless(named, model, steps=5, batch=3)
+    i = info(res.data)
+    assert res.data[4] == LOSSLESS_SCALED_VERSION and i["var_scale_of"] == [1, 2, 0, 3] and len(i["var_scale"]) == 4
+    fits = np.asarray(i["var_scale"])
+    e1 = model.error_table(VarianceType.CALIBRATED)[1]
+    spread = fits[:, 0, :3] / 256 * e1 + fits[:, 0, 3:] * varscale.FLOOR_UNIT  # at t = 1
+    assert spread[1].mean() > 1.2 * spread[2].mean() and spread[3].mean() > 1.2 * spread[2].mean(), fits[:, 0]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(named, decode(res.data, model).images))
+    c = Container.from_bytes(res.data)
+    h = {k: v for k, v in c.header.items() if not k.startswith("_")}
+    h2 = {**h, "var_scale_of": [2, 1, 0, 3]}  # the clean image's fit for a noisy one: wrong pixels
+    with pytest.raises(DecodeError):
+        decode(Container(h2, c.payload, LOSSLESS_SCALED_VERSION).to_bytes(), model)
+    for bad in ([1, 2, 0], [1, 2, 0, 4], [1, 2, 0, -1], None):
+        h2 = {k: v for k, v in h.items() if k != "var_scale_of"}
+        if bad is not None:
+            h2["var_scale_of"] = bad
+        with pytest.raises(FormatError, match="var_scale"):
+            decode(Container(h2, c.payload, LOSSLESS_SCALED_VERSION).to_bytes(), model)

@@ -59,7 +59,7 @@ class ChainCoder:
     variance: "np.ndarray | LearnedVariance"  # σ_k² of p_θ, [K+1] (``model_variance``)
     grid_bits: int = 2
     coupling: np.ndarray | None = None  # a ρ table: p with coupled colour channels (``coupling``), coded R, G, B
-    scale: np.ndarray | None = None  # a variance scale table (``varscale``): p's error variance refitted per file
+    scale: np.ndarray | None = None  # variance fits [F, T+1, 2C] (``varscale.tables``): p's error variance refitted
     delta: np.ndarray = field(init=False)  # grid widths δ_k, [K+1] (entry 0 unused: pixels)
 
     def __post_init__(self) -> None:
@@ -91,14 +91,21 @@ class ChainCoder:
         s = 1.0 / self.delta[self.K]
         return s, int(min(MAX_RANGE, math.ceil(RANGE_SIGMAS * s)))
 
-    def _p(self, n_k: np.ndarray, k: int, shape: tuple[int, ...]) -> tuple[np.ndarray, "float | np.ndarray"]:
+    def _scale(self, fits: np.ndarray | None, B: int) -> np.ndarray | None:
+        """The variance fit of each of a batch's B units (``fits``: their indices; None: fit 0)."""
+        if self.scale is None:
+            return None
+        return self.scale[np.zeros(B, dtype=np.int64) if fits is None else np.asarray(fits, dtype=np.int64)]
+
+    def _p(self, n_k: np.ndarray, k: int, shape: tuple[int, ...], scale: np.ndarray | None = None
+           ) -> tuple[np.ndarray, "float | np.ndarray"]:
         """Mean of p_θ(x_{k−1} | x_k) given the grid indices of x_k, [B·D] float64, and its
         variance: one number, or [B·D] for a learned variance or a variance scale."""
         xt = torch.from_numpy((n_k * self.delta[k]).reshape(shape))
         kk = torch.full((shape[0],), k, dtype=torch.int64)
         with torch.no_grad():
-            step = p_step(self.net, self.sched, xt, kk, self.variance, scale=self.scale)
-        if isinstance(self.variance, LearnedVariance) or self.scale is not None:
+            step = p_step(self.net, self.sched, xt, kk, self.variance, scale=scale)
+        if isinstance(self.variance, LearnedVariance) or scale is not None:
             return step.mean.numpy().reshape(-1), step.var.expand_as(step.mean).numpy().reshape(-1)
         return step.mean.numpy().reshape(-1), float(self.variance[k])
 
@@ -188,10 +195,13 @@ class ChainCoder:
 
     # --- one batch ---------------------------------------------------------------------------
 
-    def encode(self, stack: Stack, u8: np.ndarray, on_step: Callable[[Stack], None] | None = None) -> None:
+    def encode(self, stack: Stack, u8: np.ndarray, on_step: Callable[[Stack], None] | None = None,
+               fits: np.ndarray | None = None) -> None:
         """Push a batch of images, uint8 [B, C, H, W]. ``on_step(stack)`` runs after every pop
-        (where the stack is lowest), e.g. to track the initial bits."""
+        (where the stack is lowest), e.g. to track the initial bits. ``fits``: each image's variance
+        fit (an index into ``scale``; None: the first)."""
         shape = u8.shape
+        scale = self._scale(fits, shape[0])
         u = u8.reshape(-1).astype(np.int64)
         x_prev = u * (2.0 / 255.0) - 1.0  # x_0
         n_prev = None
@@ -200,7 +210,7 @@ class ChainCoder:
             n_k = c + stack.pop_gaussian_bounded(frac, self._q_std(), self._q_range())
             if on_step:
                 on_step(stack)
-            mean, var = self._p(n_k, k, shape)
+            mean, var = self._p(n_k, k, shape, scale)
             if self.coupling is not None:
                 self._push_coupled(stack, k, u if k == 1 else n_prev, mean, var, shape)
             else:
@@ -209,13 +219,14 @@ class ChainCoder:
         s, R = self._prior_std_range()
         stack.push_gaussian(n_prev, np.zeros(n_prev.shape), s, R)
 
-    def decode(self, stack: Stack, shape: tuple[int, ...]) -> np.ndarray:
-        """Pop a batch of images of ``shape`` [B, C, H, W]; returns uint8."""
+    def decode(self, stack: Stack, shape: tuple[int, ...], fits: np.ndarray | None = None) -> np.ndarray:
+        """Pop a batch of images of ``shape`` [B, C, H, W] (``fits`` as ``encode``'s); returns uint8."""
         size = int(np.prod(shape))
+        scale = self._scale(fits, shape[0])
         s, R = self._prior_std_range()
         n_k = stack.pop_gaussian(np.zeros(size), s, R)
         for k in range(self.K, 0, -1):
-            mean, var = self._p(n_k, k, shape)
+            mean, var = self._p(n_k, k, shape, scale)
             if self.coupling is not None:
                 vals = self._pop_coupled(stack, k, mean, var, shape)
             elif k == 1:

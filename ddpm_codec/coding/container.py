@@ -38,8 +38,9 @@ measured on the file's images, 7 rows of 3 integers in 1/256, ``coupling.ANCHORS
 coded R, then G given R, then B given both — ``coupling``); its "flips" key is optional (absent:
 the plain network). Writers use it only for such files. 11 is the lossless file of version 6
 whose p's error variance is refitted per channel to the file's images (header key "var_scale":
-7 rows of 2 integers per channel, a scale in 1/256 and a floor in 1/256 of a pixel level
-squared, ``varscale``); "flips" and "coupling" are optional.
+a list of fits, each 7 rows of 2 integers per channel, a scale in 1/256 and a floor in 1/256 of
+a pixel level squared, ``varscale``; "var_scale_of": each image's fit, where there are several);
+"flips" and "coupling" are optional.
 Writers use it only for such files.
 """
 from __future__ import annotations
@@ -171,24 +172,33 @@ def header_coupling(header: dict) -> list | None:
     return stated
 
 
-def header_var_scale(header: dict, channels: int) -> list | None:
-    """The variance scale a header states (version 11: ``coupling.ANCHORS`` rows of ``channels``
-    integers, checked by ``varscale.check``), else None."""
+def header_var_scale(header: dict, channels: int, n_images: int) -> tuple[list, list[int]] | None:
+    """The variance fits a header states and which fit each image uses (version 11: "var_scale",
+    a list of fits, each ``coupling.ANCHORS`` rows checked by ``varscale.check``; "var_scale_of",
+    one fit index per image, where there is more than one fit), else None."""
     from ..varscale import check
 
     if header["_version"] != LOSSLESS_SCALED_VERSION:
-        if "var_scale" in header:
+        if "var_scale" in header or "var_scale_of" in header:
             raise FormatError(f"header: var_scale in a version-{header['_version']} file")
         return None
-    stated = header.get("var_scale")
+    fits, of = header.get("var_scale"), header.get("var_scale_of")
     try:
-        if not isinstance(stated, list) or not all(isinstance(r, list) and all(type(v) is int for v in r)
-                                                    for r in stated):
-            raise ValueError("not rows of integers")
-        check(stated, channels)
+        if not isinstance(fits, list) or not fits:
+            raise ValueError("no fits")
+        for fit in fits:
+            if not isinstance(fit, list) or not all(isinstance(r, list) and all(type(v) is int for v in r)
+                                                    for r in fit):
+                raise ValueError("not rows of integers")
+            check(fit, channels)
+        if of is None and len(fits) == 1:
+            of = [0] * n_images
+        if (not isinstance(of, list) or len(of) != n_images
+                or not all(type(i) is int and 0 <= i < len(fits) for i in of)):
+            raise ValueError("var_scale_of must give each image a fit")
     except ValueError as e:
         raise FormatError(f"header: bad var_scale in a version-{LOSSLESS_SCALED_VERSION} file ({e})") from None
-    return stated
+    return fits, of
 
 
 def read_header(data: bytes) -> dict:
