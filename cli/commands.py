@@ -12,7 +12,9 @@ from .main import InputError, cli, emit_json, user_errors
 
 SOURCES_HELP = ("mnist[:train|valid|test], fashion-mnist[:train|test], cifar10:PATH[:train|test], "
                 "photos[:train|heldout|all] (scikit-image's photos), wallpapers[:train|heldout|all] (Debian's "
-                "plasma-workspace-wallpapers photographs), photos+wallpapers:SPLIT, or a folder of images")
+                "plasma-workspace-wallpapers photographs, reduced 4×), wallpapers2x[:train|heldout|all] (the same, "
+                "reduced 2×), mate[:train|all] (Debian's mate-backgrounds nature photographs, reduced 2×), photo "
+                "sources joined with + (photos+wallpapers2x+mate:train), or a folder of images")
 
 
 @cli.command()

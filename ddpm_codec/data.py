@@ -6,8 +6,10 @@ network are float tensors [B, C, H, W] in [-1, 1] via x = 2·u/255 − 1.
 Sources (``--data``): ``mnist[:train|valid|test]``, ``fashion-mnist[:train|test]``,
 ``cifar10:PATH[:train|test]``, ``photos[:train|heldout|all]`` (scikit-image's
 bundled photos), ``wallpapers[:train|heldout|all]`` (the photographs of Debian's
-plasma-workspace-wallpapers, downscaled), photo sources joined with ``+``
-(``photos+wallpapers:train``), or a folder of images. Fixed-size sources give an
+plasma-workspace-wallpapers, reduced 4×), ``wallpapers2x[:train|heldout|all]`` (the same
+photographs reduced 2×: more of their fine texture and sensor noise), ``mate[:train|all]`` (the
+nature photographs of Debian's mate-backgrounds, reduced 2×; none held out), photo sources
+joined with ``+`` (``photos+wallpapers2x+mate:train``), or a folder of images. Fixed-size sources give an
 ``ArraySource``; photo sources give random crops (``CropSource``).
 """
 from __future__ import annotations
@@ -44,6 +46,10 @@ WALLPAPER_PHOTOS = ["BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "
                     "Kite", "OneStandsOut", "Path", "summer_1am"]
 HELDOUT_WALLPAPERS = ["EveningGlow", "Path"]
 WALLPAPER_SHORT_SIDE = 400
+# Debian's mate-backgrounds: its nature photographs (JPEGs of 1280–2560 px), used reduced 2×.
+MATE_DIR = Path("/usr/share/backgrounds/mate/nature")
+MATE_PHOTOS = ["Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
+               "TwoWings", "Wood", "YellowFlower"]
 
 
 class DataError(ValueError):
@@ -282,16 +288,30 @@ def load_photos(names: list[str], channels: int) -> list[np.ndarray]:
     return out
 
 
-def load_wallpaper(name: str, root: Path = WALLPAPER_DIR) -> np.ndarray:
-    """The largest image of a wallpaper, reduced by the integer factor (≥ 2) that brings its short
-    side to at most ``WALLPAPER_SHORT_SIDE``: uint8 [H, W, 3]."""
+def load_wallpaper(name: str, root: Path = WALLPAPER_DIR, factor: int | None = None) -> np.ndarray:
+    """The largest image of a wallpaper as uint8 [H, W, 3], reduced (box filter) by ``factor`` (≥ 2),
+    or by default by the integer factor (≥ 2) that brings its short side to at most
+    ``WALLPAPER_SHORT_SIDE``."""
     files = sorted((root / name).glob("contents/images/*"), key=lambda p: p.stat().st_size)
     files = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise DataError(f"wallpaper {name!r} not found under {root} (Debian: apt install plasma-workspace-wallpapers)")
-    im = Image.open(files[-1]).convert("RGB")
-    factor = max(2, math.ceil(min(im.size) / WALLPAPER_SHORT_SIDE))
-    return np.asarray(im.reduce(factor))
+    return _reduced(files[-1], factor or math.ceil(min(Image.open(files[-1]).size) / WALLPAPER_SHORT_SIDE))
+
+
+def _reduced(path: Path, factor: int) -> np.ndarray:
+    """A JPEG photograph as uint8 [H, W, 3], reduced by ``factor`` (at least 2, so that its JPEG
+    artefacts are averaged away)."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB").reduce(max(2, factor)))
+
+
+def load_mate_photo(name: str, root: Path = MATE_DIR) -> np.ndarray:
+    """One of mate-backgrounds' nature photographs reduced 2×: uint8 [H, W, 3]."""
+    path = root / f"{name}.jpg"
+    if not path.exists():
+        raise DataError(f"{path} not found (Debian: apt install mate-backgrounds)")
+    return _reduced(path, 2)
 
 
 def parse_split(spec: str, default: str) -> tuple[str, str]:
@@ -303,18 +323,25 @@ def load_source(spec: str, default_split: str = "train", crop: int = 32, channel
     """Resolve a ``--data`` source spec (module doc) to an ArraySource or CropSource."""
     name, split = parse_split(spec, default_split)
     if "+" in name:  # photo sources together: photos+wallpapers:train
-        if not set(name.split("+")) <= {"photos", "wallpapers"}:
-            raise DataError("only photo sources (photos, wallpapers) can be joined with +")
+        if not set(name.split("+")) <= {"photos", "wallpapers", "wallpapers2x", "mate"}:
+            raise DataError("only photo sources (photos, wallpapers, wallpapers2x, mate) can be joined with +")
         parts = [load_source(f"{n}:{split}", default_split, crop, channels) for n in name.split("+")]
         return CropSource(f"{name}:{split}", [im for p in parts for im in p.photos], crop)
-    if name == "wallpapers":
+    if name in ("wallpapers", "wallpapers2x"):
         if split not in ("train", "heldout", "all"):
-            raise DataError(f"wallpapers has splits train, heldout, all; not {split!r}")
+            raise DataError(f"{name} has splits train, heldout, all; not {split!r}")
         names = {"train": [n for n in WALLPAPER_PHOTOS if n not in HELDOUT_WALLPAPERS], "heldout": HELDOUT_WALLPAPERS,
                  "all": WALLPAPER_PHOTOS}[split]
         if channels != 3:
-            raise DataError("wallpapers are colour photos")
-        return CropSource(f"wallpapers:{split}", [load_wallpaper(n) for n in names], crop)
+            raise DataError(f"{name} are colour photos")
+        factor = 2 if name == "wallpapers2x" else None
+        return CropSource(f"{name}:{split}", [load_wallpaper(n, factor=factor) for n in names], crop)
+    if name == "mate":
+        if split not in ("train", "all"):
+            raise DataError(f"mate has splits train, all (none held out); not {split!r}")
+        if channels != 3:
+            raise DataError("mate's photographs are colour photos")
+        return CropSource(f"mate:{split}", [load_mate_photo(n) for n in MATE_PHOTOS], crop)
     if name == "mnist":
         return ArraySource(f"mnist:{split}", load_mnist(split))
     if name == "fashion-mnist":
@@ -341,4 +368,5 @@ def load_source(spec: str, default_split: str = "train", crop: int = 32, channel
         if not imgs:
             raise DataError(f"{folder}: no {channels}-channel images of at least {crop}×{crop}")
         return CropSource(str(folder), imgs, crop)
-    raise DataError(f"unknown data source {spec!r} (mnist, fashion-mnist, cifar10:PATH, photos, or a folder)")
+    raise DataError(f"unknown data source {spec!r} (mnist, fashion-mnist, cifar10:PATH, photos, wallpapers, "
+                    "wallpapers2x, mate, or a folder)")

@@ -140,7 +140,7 @@ def test_wallpapers_are_downscaled_and_join_other_photo_sources(tmp_path, monkey
     monkeypatch.setattr(data, "WALLPAPER_PHOTOS", ["Path", "EveningGlow", "BytheWater"])
     monkeypatch.setattr(data, "HELDOUT_WALLPAPERS", ["Path"])
     monkeypatch.setattr(data, "WALLPAPER_DIR", tmp_path)
-    monkeypatch.setattr(data.load_wallpaper, "__defaults__", (tmp_path,))
+    monkeypatch.setattr(data.load_wallpaper, "__defaults__", (tmp_path, None))
     src = load_source("wallpapers:train", crop=32)
     assert src.name == "wallpapers:train" and len(src.photos) == 2
     assert len(load_source("wallpapers:heldout", crop=32).photos) == 1
@@ -148,3 +148,27 @@ def test_wallpapers_are_downscaled_and_join_other_photo_sources(tmp_path, monkey
         load_source("wallpapers:valid", crop=32)
     with pytest.raises(DataError, match="only photo sources"):
         load_source("mnist+wallpapers:train", crop=32)
+    # reduced 2× instead: the same split, twice the side
+    assert [p.shape for p in load_source("wallpapers2x:train", crop=32).photos] == [(240, 320, 3), (800, 1280, 3)]
+    assert data.load_wallpaper("BytheWater", root=tmp_path, factor=1).shape == (800, 1280, 3)  # never below 2×
+
+
+def test_mate_photos_are_reduced_2x_and_all_for_training(tmp_path, monkeypatch):
+    from ddpm_codec import data
+
+    rng = np.random.default_rng(0)
+    for name, (w, h) in [("Aqua", (64, 48)), ("Dune", (90, 70))]:
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{name}.jpg", quality=95)
+    monkeypatch.setattr(data, "MATE_PHOTOS", ["Aqua", "Dune"])
+    monkeypatch.setattr(data.load_mate_photo, "__defaults__", (tmp_path,))
+    src = load_source("mate:train", crop=16)
+    assert src.name == "mate:train" and [p.shape for p in src.photos] == [(24, 32, 3), (35, 45, 3)]
+    # a 2×2 box filter of the decoded JPEG
+    full = np.asarray(Image.open(tmp_path / "Aqua.jpg").convert("RGB"), dtype=np.float64)
+    box = full.reshape(24, 2, 32, 2, 3).mean(axis=(1, 3))
+    assert np.abs(src.photos[0].astype(np.float64) - box).max() <= 1
+    assert len(load_source("photos+mate:train", crop=16).photos) == 2 + len(load_source("photos:train", crop=16).photos)
+    with pytest.raises(DataError, match="none held out"):
+        load_source("mate:heldout", crop=16)
+    with pytest.raises(DataError, match="mate-backgrounds"):
+        data.load_mate_photo("Storm", root=tmp_path)
