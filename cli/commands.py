@@ -193,6 +193,13 @@ def _describe_fit(fits: list) -> str:
             + (f"; {len(fits)} fits, one per large image" if len(fits) > 1 else "") + "), ")
 
 
+def _describe_split(stated: list) -> str:
+    """A file's checkerboard decoder, for ``info``."""
+    C = len(stated) // 2
+    return ("checkerboard decoder (weight " + ", ".join(f"{v / 256:.3f}" for v in stated[:C])
+            + "; variance × " + ", ".join(f"{v / 256:.3f}" for v in stated[C:]) + "), ")
+
+
 def fit_variance_option():
     """--fit-variance/--no-fit-variance: the file's own variance scale (``ddpm_codec.varscale``)."""
     return click.option(
@@ -204,6 +211,26 @@ def fit_variance_option():
              "least 49,152 values with the calibrated or learned variance; bits-back files only.")
 
 
+def _check_split(spatial: bool | None, lm, variance: str | None) -> None:
+    """--spatial where it cannot apply: one line, not a traceback."""
+    from ddpm_codec.codec import fittable
+    from ddpm_codec.diffusion import VarianceType
+
+    if spatial and not fittable(VarianceType(variance) if variance else lm.default_variance()):
+        raise InputError("--spatial: a checkerboard decoder needs the calibrated or learned variance")
+
+
+def spatial_option():
+    """--spatial/--no-spatial: the checkerboard decoder (``ddpm_codec.spatial``)."""
+    return click.option(
+        "--spatial/--no-spatial", default=None,
+        help="Code the last step (x_0 given x_1) in two checkerboard phases: each pixel of the second given "
+             "how far its four neighbours of the first fell from the network's prediction, with a weight and a "
+             "variance factor per channel that the encoder fits on the images being coded (one extra network "
+             "call per unit) and states in the header (format version 12). Default: as --coupling's (colour "
+             "images of at least 49,152 values); bits-back files only.")
+
+
 def coupling_option():
     """--coupling/--no-coupling: colour coupling (``ddpm_codec.coupling``)."""
     return click.option(
@@ -213,7 +240,7 @@ def coupling_option():
              "(7 extra network calls per unit) and stated in the header. −0.03 bits/dim on held-out photo "
              "crops. Default: on for colour images of at least 49,152 values (the size where bits-back starts), "
              "with the calibrated or learned variance. Bits-back files that use it are format version 10 (11 with "
-             "--fit-variance); the "
+             "--fit-variance, 12 with --spatial); the "
              "lossy path codes the channels apart.")
 
 
@@ -243,9 +270,10 @@ def coupling_option():
 @flips_option()
 @coupling_option()
 @fit_variance_option()
+@spatial_option()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
-def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, tile, flips, coupling, fit_variance,
+def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, tile, flips, coupling, fit_variance, spatial,
         as_json):
     """Bits/dim of images through the variational bound L_T + Σ L_{t-1} + L_0.
 
@@ -297,7 +325,7 @@ def nll(inputs, model, K, n, method, samples, variance, spacing, batch, seed, ti
     try:
         res = dataset_nll(lm, images, sched, torch.Generator().manual_seed(seed), BoundMethod(method),
                           var, batch=batch, samples=samples, flips=flips, coupling=coupling,
-                          fit_variance=fit_variance)
+                          fit_variance=fit_variance, spatial=spatial)
     except ValueError as e:
         raise DataError(str(e)) from None
     if as_json:
@@ -458,11 +486,12 @@ AUTO_CHANNEL_BELOW = 49_152
 @flips_option()
 @coupling_option()
 @fit_variance_option()
+@spatial_option()
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @user_errors
 def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, rate, stop_step, index_bits,
-           kl_per_chunk, method, tile, flips, coupling, fit_variance, force, as_json):
+           kl_per_chunk, method, tile, flips, coupling, fit_variance, spatial, force, as_json):
     """Compress images into one .ddpm file: lossless or, with --lossy, progressive.
 
     Lossless files are exact either way; --method says how (bits-back ANS, or
@@ -521,16 +550,20 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
             raise InputError("--coupling is for bits-back files; lossy and channel files code the channels apart")
         if fit_variance:
             raise InputError("--fit-variance is for bits-back files")
+        if spatial:
+            raise InputError("--spatial is for bits-back files")
         return _encode_lossy(loaded, lm, out, K, variance, batch, rate, stop_step, index_bits, kl_per_chunk,
                              force, as_json, spacing, flips)
     _check_coupling(coupling, lm, variance)
     _check_fit(fit_variance, lm, variance)
+    _check_split(spatial, lm, variance)
+    _check_split(spatial, lm, variance)
     shapes = [im.shape[:2] for _, im in loaded]
     n_units = count_units(lm, shapes, tile)
     with tqdm(total=n_units, file=sys.stderr, unit="unit", disable=as_json and n_units < 2) as bar:
         res = encode_lossless(loaded, lm, K or DEFAULT_STEPS, VarianceType(variance) if variance else None,
                               grid_bits, batch or 100, progress=bar.update, spacing=spacing, tile=tile, flips=flips,
-                              coupling=coupling, fit_variance=fit_variance)
+                              coupling=coupling, fit_variance=fit_variance, spatial=spatial)
     _write_atomic(out, res.data, force)
     summary = {"file": str(out), "bytes": len(res.data), "bits_per_dim": res.bits_per_dim, "mode": "lossless",
                "method": "bits-back", "initial_bits": res.initial_bits, "dims": res.dims, "images": len(loaded), "steps": K or DEFAULT_STEPS,
@@ -711,7 +744,7 @@ def info(file, model, as_json):
     else:
         n_steps = i["K"] or len(i["steps"] or [])
         units = f"tiles {i['tile']}×{i['tile']}"
-        if i["format_version"] in (6, 8, 10, 11):
+        if i["format_version"] in (6, 8, 10, 11, 12):
             ramp = f", the first {i['ramp']} in quarters" if i["ramp"] else ""
             units = f"units of up to {i['tile']}×{i['tile']} (even sides{ramp})"
         click.echo(f"{file}: .ddpm version {i['format_version']}, {i['mode']}, model {i['model']}, "
@@ -720,6 +753,7 @@ def info(file, model, as_json):
                    + ("colours coupled (ρ at t = 1: " + ", ".join(f"{v / 256:.3f}" for v in i["coupling"][0]) + "), "
                       if i["coupling"] else "")
                    + (_describe_fit(i["var_scale"]) if i["var_scale"] else "")
+                   + (_describe_split(i["spatial"]) if i["spatial"] else "")
                    + f"{i['bytes']} bytes (initial bits {i['initial_bits']})")
 
 
@@ -743,9 +777,10 @@ def info(file, model, as_json):
 @flips_option()
 @coupling_option()
 @fit_variance_option()
+@spatial_option()
 @user_errors
 def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_bound, spacing, no_network_alone, tiles,
-                flips, coupling, fit_variance):
+                flips, coupling, fit_variance, spatial):
     """Coded bits/dim against the bound of the same K-step chain, initial bits, and time
     (encode and decode, network and coder apart, and the network alone). JSON lines."""
     from ddpm_codec import checkpoint
@@ -763,15 +798,16 @@ def bench_codec(model, data, n, image_files, Ks, grids, variance, batch, no_boun
         images = [(f"{i}.png", im) for i, im in enumerate(src.take(n))]
     _check_coupling(coupling, lm, variance)
     _check_fit(fit_variance, lm, variance)
+    _check_split(spatial, lm, variance)
     for K, b, tile in itertools.product([int(k) for k in Ks.split(",")], [int(g) for g in grids.split(",")],
                                         [int(s) for s in tiles.split(",")] if tiles else [None]):
         r = bench_images(lm, images, K, VarianceType(variance) if variance else None, b, batch, not no_bound,
                          spacing, bar=lambda desc, total: tqdm(total=total, desc=f"K={K} b={b} {desc}",
                                                                file=sys.stderr, unit="tile"),
                          network_alone=not no_network_alone, tile=tile, flips=flips, coupling=coupling,
-                         fit_variance=fit_variance)
+                         fit_variance=fit_variance, spatial=spatial)
         r["model"] = lm.model_id
-        click.echo(f"K={K} b={b} tile {r['tile']} flips {r['flips']} coupling {r['coupling']} var_scale {r['var_scale']} of {r['var_scale_of']}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
+        click.echo(f"K={K} b={b} tile {r['tile']} flips {r['flips']} coupling {r['coupling']} var_scale {r['var_scale']} of {r['var_scale_of']} spatial {r['spatial']}: {r['bits_per_dim']:.4f} bpd coded, net {r['net_bits_per_dim']:.4f}"
                    + (f", bound {r['bound_bits_per_dim']:.4f} (×{r['net_over_bound']:.3f})" if "bound_bits_per_dim" in r else "")
                    + f", initial {r['initial_bits_per_dim']:.3f} bpd, encode {r['encode_s']:.1f}s"
                    + (f" (network alone {r['network_only_s']:.1f}s)" if r["network_only_s"] else "")

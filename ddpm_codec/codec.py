@@ -27,10 +27,11 @@ from . import __version__
 from .checkpoint import MAX_TILE, LoadedModel, takes_tile, tile_multiple
 from .coding.bitsback import ChainCoder
 from .coding.container import (LOSSLESS_COUPLED_VERSION, LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION,
-                               LOSSLESS_SCALED_VERSION, header_var_scale,
+                               LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION, header_spatial, header_var_scale,
                                LOSSLESS_TILED_VERSION, LOSSLESS_VERSION, Container, FormatError, header_coupling,
                                header_flips, pack_names, unpack_names)
 from . import coupling as colour
+from . import spatial as split
 from . import varscale
 from .coding.entropy import Stack
 from .diffusion import VarianceType
@@ -327,6 +328,7 @@ def encode_lossless(
     flips: str | None = None,
     coupling: bool | None = None,
     fit_variance: bool | None = None,
+    spatial: bool | None = None,
 ) -> EncodeResult:
     """Encode named uint8 images [H, W, C] (C = the model's channels) into one .ddpm file.
     ``var_type`` None: the calibrated variance if the model has it, else β̃. ``spacing``: of the
@@ -338,7 +340,9 @@ def encode_lossless(
     images of at least ``coupling.MIN_DIMS`` values with a calibrated or learned variance.
     ``fit_variance``: scale p's error variance per channel to fit these images (``varscale``,
     stated in the header; format version 11). None: for images of at least ``varscale.MIN_DIMS``
-    values with a calibrated or learned variance."""
+    values with a calibrated or learned variance. ``spatial``: code the decoder step's pixels in
+    two checkerboard phases, the second given the first (``ddpm_codec.spatial``: weights fitted
+    on these images, stated in the header; format version 12). None: as ``coupling``'s default."""
     t0 = time.perf_counter()
     flips = model.flips_or_default(flips)
     if var_type is None:
@@ -363,7 +367,9 @@ def encode_lossless(
                                   unit_fits=unit_fits)
     rho = None if stated is None else colour.table(stated, model.schedule.T)
     scale = None if scaled is None else varscale.tables(scaled, model.schedule.T, C)
-    coder = ChainCoder(timed, sched, model.variance(sched, var_type), grid_bits, rho, scale)
+    stated_split = (measure_split(timed, model, sched, var_type, groups, batch, rho, scale, unit_fits)
+                    if use_split(spatial, C, var_type, dims) else None)
+    coder = ChainCoder(timed, sched, model.variance(sched, var_type), grid_bits, rho, scale, stated_split)
     threads = torch.get_num_threads()
     sizes, spans = group_batches(groups, batch, first_batch)
     n_values = sum(g.size for g in groups)
@@ -402,13 +408,15 @@ def encode_lossless(
         **({"coupling": stated} if stated is not None else {}),
         **({"var_scale": scaled} if scaled is not None else {}),
         **({"var_scale_of": fit_of} if scaled is not None and len(scaled) > 1 else {}),
+        **({"spatial": stated_split} if stated_split is not None else {}),
         "channels": C,
         "names": pack_names([name for name, _ in images]),
         "shapes": [[int(im.shape[0]), int(im.shape[1])] for _, im in images],
         "seed_words": {"count": n_seed, "dropped": dropped},
         "pixels_sha256": pixels_digest([im for _, im in images]),
     }
-    version = (LOSSLESS_SCALED_VERSION if scale is not None else LOSSLESS_COUPLED_VERSION if rho is not None else LOSSLESS_FLIPS_VERSION if flips != "none" else
+    version = (LOSSLESS_SPLIT_VERSION if stated_split is not None else
+               LOSSLESS_SCALED_VERSION if scale is not None else LOSSLESS_COUPLED_VERSION if rho is not None else LOSSLESS_FLIPS_VERSION if flips != "none" else
                LOSSLESS_EVEN_VERSION if layout.even else
                LOSSLESS_VERSION if size == model.image_size else LOSSLESS_TILED_VERSION)
     data = Container(header, payload, version).to_bytes()
@@ -444,6 +452,52 @@ def use_fit(fit: bool | None, var_type: VarianceType, dims: int) -> bool:
     if fit and not fittable(var_type):
         raise ValueError("a variance scale needs the calibrated or learned variance")
     return fittable(var_type) and (fit if fit is not None else dims >= varscale.MIN_DIMS)
+
+
+def use_split(spatial: bool | None, channels: int, var_type: VarianceType, dims: int) -> bool:
+    """Whether a lossless file splits its decoder step like a checkerboard (``spatial``): ``spatial``
+    True or False, or None for the default — as the colour coupling's (measured on photos only);
+    the weights are fitted on a variance that models the x̂_0 error (calibrated or learned)."""
+    if spatial and not fittable(var_type):
+        raise ValueError("a checkerboard decoder needs the calibrated or learned variance")
+    if spatial is not None:
+        return bool(spatial)
+    return use_coupling(None, channels, var_type, dims) and dims >= split.MIN_DIMS
+
+
+def measure_split(net, model: LoadedModel, sched, var_type: VarianceType, units: list[np.ndarray], batch: int,
+                  rho: np.ndarray | None, scale: np.ndarray | None, unit_fits: list[np.ndarray]) -> list[int]:
+    """The checkerboard decoder's weights a file states (``spatial.estimate``), fitted on one
+    draw of x_1 per unit (the draw ``coupling.anchor_errors`` makes at t = 1; one network call per
+    unit, at most ``spatial.FIT_UNITS`` units), with the decoder as the coder will run it: the
+    file's variance fit (``scale``) and colour coupling (``rho``)."""
+    from .coupling import conditional, pair_correlations
+
+    n = sum(len(u) for u in units)
+    stride = max(1, -(-n // split.FIT_UNITS))
+    units = [u[::stride] for u in units]
+    tags = [f[::stride] for f in unit_fits]
+    e = model.error_table(var_type)
+    C = model.channels
+
+    def draws():
+        for t, x0, err, es, tag in colour.anchor_errors(net, model.schedule, units, batch,
+                                                         torch.Generator().manual_seed(0), tags=tags):
+            if t != 1:
+                return
+            var = e[1] * (es.double() if es is not None else torch.ones_like(err))
+            if scale is not None:  # σ² = v·E + a at k = 1 (β̃_1 = 0, c_1 = 1)
+                fit = torch.from_numpy(scale[tag][:, 1]).reshape(len(tag), 2 * C, 1, 1)
+                var = var * fit[:, :C] + fit[:, C:]
+            yield x0, x0 + err, var.sqrt()
+
+    def conditional_of(mean, std):
+        if rho is None:
+            return lambda c, z: (mean[:, c], std[:, c])
+        r = pair_correlations(std * std, std * std, tuple(torch.tensor(float(v)) for v in rho[1]))
+        return lambda c, z: conditional(c, mean, std, r, z)
+
+    return split.estimate(draws(), C, conditional_of)
 
 
 def unit_tags(layout: "UnitLayout", shapes: list[tuple[int, int]], per_image: list[int]) -> list[np.ndarray]:
@@ -493,6 +547,7 @@ def info(data: bytes, model: LoadedModel | None = None) -> dict:
             "variance": h["variance"], "grid_bits": h["grid_bits"], "tile": h["tile"], "ramp": h.get("ramp", 0),
             "flips": header_flips(h, LOSSLESS_FLIPS_VERSION), "coupling": header_coupling(h),
             "var_scale": _fits(h), "var_scale_of": _fits(h, 1),
+            "spatial": header_spatial(h, int(h.get("channels", 1))),
             "bytes": len(data),
             "payload_words": h["payload_words"], "initial_bits": 32 * (h["seed_words"]["count"] -
                                                                          h["seed_words"]["dropped"])}
@@ -517,12 +572,13 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         if C != model.channels:
             raise DecodeError("the file's tile shape does not fit the model")
         even = c.version in (LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION, LOSSLESS_COUPLED_VERSION,
-                             LOSSLESS_SCALED_VERSION)
+                             LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION)
         flips = header_flips(h, LOSSLESS_FLIPS_VERSION)
         stated = header_coupling(h)
         rho = None if stated is None else colour.table(stated, model.schedule.T)
         scaled = header_var_scale(h, C, len(h["shapes"]))
         scale = None if scaled is None else varscale.tables(scaled[0], model.schedule.T, C)
+        stated_split = header_spatial(h, C)
         if not even and (size != model.image_size) != (c.version == LOSSLESS_TILED_VERSION):
             raise FormatError(f"header: tile {size} in a version-{c.version} file")
         check_tile(size, model)
@@ -532,8 +588,10 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
             raise FormatError(f"header: colour coupling with {C} channel(s) and the {var_type.value} variance")
         if scale is not None and not fittable(var_type):
             raise FormatError(f"header: a variance scale with the {var_type.value} variance")
+        if stated_split is not None and not fittable(var_type):
+            raise FormatError(f"header: a checkerboard decoder with the {var_type.value} variance")
         coder = ChainCoder(model.network(flips), sched, model.variance(sched, var_type), int(h["grid_bits"]), rho,
-                           scale)
+                           scale, stated_split)
         shapes = [(int(a), int(b)) for a, b in h["shapes"]]
         names = unpack_names(h["names"])
         if len(names) != len(shapes):

@@ -95,11 +95,12 @@ def prior_term(sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
 def step_term(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor,
     variance: np.ndarray, clip: bool = True, coupling: np.ndarray | None = None,
-    scale: np.ndarray | None = None,
+    scale: np.ndarray | None = None, spatial: list | None = None,
 ) -> torch.Tensor:
     """L_{k−1} for each image at its own step k ≥ 1 (k = 1: the decoder L_0): [B], nats (summed
     over dims). ``coupling``: a ρ table (``coupling.table``) for p with coupled colour channels;
-    ``scale``: a variance scale table (``varscale.table``)."""
+    ``scale``: a variance scale table (``varscale.table``); ``spatial``: a checkerboard split of
+    the decoder (``spatial``, its stated integers)."""
     xt = q_sample(sched, x0, k, noise)
     p = p_step(net, sched, xt, k, variance, clip, scale)
     q_mean, q_var = q_posterior_mean_var(sched, x0, xt, k)
@@ -114,7 +115,10 @@ def step_term(
         rho = coupling_rho(coupling, sched, k)
         kl = coupled_kl(q_mean, q_var, p.mean, var, err, rho)[:, None]
         nll0 = coupled_pixel_nll(x0, p.mean, var, err, rho)[:, None]
-    out = torch.where(first.reshape(-1, 1, 1, 1), nll0, kl).flatten(1).sum(1)
+    if spatial is not None:
+        nll0 = split_pixel_nll(x0, p.mean, p.var.expand_as(p.mean), at(sched.beta_tilde, k, xt),
+                               None if coupling is None else coupling_rho(coupling, sched, k), spatial)
+    out = torch.where(first, nll0.flatten(1).sum(1), kl.flatten(1).sum(1))  # each summed over its own dims
     assert out.shape == (x0.shape[0],)
     return out
 
@@ -132,6 +136,24 @@ def coupled_pixel_nll(x0: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, e
         m, sd = conditional(c, mean, std, r, [z[:, 0], z[:, 1]])
         total = total - log_normal_interval((lower[:, c] - m) / sd, (upper[:, c] - m) / sd)
     return total
+
+
+def split_pixel_nll(x0: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, beta_tilde: torch.Tensor, rho,
+                    stated) -> torch.Tensor:
+    """−log p(x_0 | x_1) per value, nats [B, C, H, W], for the checkerboard decoder (``spatial``),
+    its channels coupled by ``rho`` (the step's three ρ) or, for None, each on its own."""
+    from .spatial import pixel_nll
+
+    std = var.sqrt()
+    if rho is None:
+        def cond(c, z):
+            return mean[:, c], std[:, c]
+    else:
+        r = pair_correlations(var, var - beta_tilde, rho)
+
+        def cond(c, z):
+            return conditional(c, mean, std, r, z)
+    return pixel_nll(x0, mean, std, cond, stated)
 
 
 def x0_mse_per_step(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator,
@@ -181,7 +203,7 @@ def _bound(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator, variance: np.ndarray | None,
     clip: bool, progress: Callable[[int], None] | None,
     draws: Callable[[int], Iterator[tuple[torch.Tensor, float]]], coupling: np.ndarray | None = None,
-    scale: np.ndarray | None = None,
+    scale: np.ndarray | None = None, spatial: list | None = None,
 ) -> BoundTerms:
     """L_T plus Σ weight·L_{k−1} over the (steps [B], weight) pairs ``draws(B)`` yields; bits/dim [B]."""
     x0 = x0.to(torch.float64)
@@ -191,7 +213,7 @@ def _bound(
     decoder = torch.zeros(B, dtype=torch.float64)
     for k, weight in draws(B):  # lazily: each k is drawn just before its noise
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-        term = step_term(net, sched, x0, k, noise, variance, clip, coupling, scale) * weight
+        term = step_term(net, sched, x0, k, noise, variance, clip, coupling, scale, spatial) * weight
         decoder += torch.where(k == 1, term, 0.0)
         diffusion += torch.where(k == 1, 0.0, term)
         if progress:
@@ -204,24 +226,24 @@ def bound_full(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator,
     variance: np.ndarray | None = None, clip: bool = True,
     progress: Callable[[int], None] | None = None, coupling: np.ndarray | None = None,
-    scale: np.ndarray | None = None,
+    scale: np.ndarray | None = None, spatial: list | None = None,
 ) -> BoundTerms:
     """The bound of the K-step chain, every term evaluated (K network calls per image); bits/dim [B].
     ``coupling``: a ρ table, for p with coupled colour channels (``coupling``); ``scale``: a
-    file's variance scale (``varscale``)."""
+    file's variance scale (``varscale``); ``spatial``: a checkerboard decoder (``spatial``)."""
     return _bound(net, sched, x0, gen, variance, clip, progress,
                   lambda B: ((torch.full((B,), step, dtype=torch.int64), 1.0) for step in range(sched.K, 0, -1)),
-                  coupling, scale)
+                  coupling, scale, spatial)
 
 
 def bound_mc(
     net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator, samples: int = 1,
     variance: np.ndarray | None = None, clip: bool = True,
     progress: Callable[[int], None] | None = None, coupling: np.ndarray | None = None,
-    scale: np.ndarray | None = None,
+    scale: np.ndarray | None = None, spatial: list | None = None,
 ) -> BoundTerms:
     """An unbiased estimate of the bound: L_T + K·L_{k−1} with k ~ U{1..K}, averaged over
     ``samples`` draws per image (``samples`` network calls per image); bits/dim [B]."""
     return _bound(net, sched, x0, gen, variance, clip, progress,
                   lambda B: ((torch.randint(1, sched.K + 1, (B,), generator=gen), sched.K / samples)
-                             for _ in range(samples)), coupling, scale)
+                             for _ in range(samples)), coupling, scale, spatial)

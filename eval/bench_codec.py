@@ -48,10 +48,10 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
                  var_type: VarianceType | None, grid_bits: int, batch: int, with_bound: bool = True,
                  spacing: str | None = None, bar: Callable = _no_bar, network_alone: bool = True,
                  tile: int | None = None, flips: str | None = None, coupling: bool | None = None,
-                 fit_variance: bool | None = None) -> dict:
+                 fit_variance: bool | None = None, spatial: bool | None = None) -> dict:
     """``bar(desc, total)``: a progress bar (a context manager with ``update(n)``) for each phase,
     counted in tiles. ``network_alone=False`` skips timing the network by itself (a third of the
-    run's time); its keys are then None. ``tile``, ``flips``, ``coupling``, ``fit_variance``: as
+    run's time); its keys are then None. ``tile``, ``flips``, ``coupling``, ``fit_variance``, ``spatial``: as
     ``encode_lossless``'s."""
     flips = model.flips_or_default(flips)
     shapes = [im.shape[:2] for _, im in images]
@@ -61,7 +61,7 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
     with bar("encode", n_units) as pb:
         res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing, progress=pb.update,
                               tile=tile, flips=flips, coupling=coupling,
-                              fit_variance=fit_variance)
+                              fit_variance=fit_variance, spatial=spatial)
     t0 = time.perf_counter()
     with bar("decode", n_units) as pb:
         dec = decode(res.data, model, progress=pb.update)
@@ -76,7 +76,7 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
     stated, scaled, scaled_of = about["coupling"], about["var_scale"], about["var_scale_of"]
     out = {
         "images": len(images), "dims": res.dims, "steps": K, "tile": tile, "flips": flips,
-        "coupling": stated, "var_scale": scaled, "var_scale_of": scaled_of, "variance": res.variance, "grid_bits": grid_bits,
+        "coupling": stated, "var_scale": scaled, "var_scale_of": scaled_of, "spatial": about["spatial"], "variance": res.variance, "grid_bits": grid_bits,
         "spacing": spacing or ("optimal" if model.x0_mse is not None else "even"),
         "batch": batch, "bytes": len(res.data), "bits_per_dim": res.bits_per_dim,
         "initial_bits": res.initial_bits, "initial_bits_per_dim": res.initial_bits / res.dims,
@@ -99,7 +99,8 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
         net = model.network(flips)
         with torch.no_grad():
             b = torch.cat([bound_full(net, sched, x0[i:i + batch], torch.Generator().manual_seed(i), var,
-                                      coupling=rho, scale=None if scale is None else scale[i:i + batch]).total
+                                      coupling=rho, scale=None if scale is None else scale[i:i + batch],
+                                      spatial=about["spatial"]).total
                            for i in range(0, len(x0), batch)])
         out["bound_bits_per_dim"] = float(b.mean())
         out["net_over_bound"] = out["net_bits_per_dim"] / out["bound_bits_per_dim"]

@@ -38,6 +38,7 @@ class NllResult:
     flips: str = "none"
     coupling: list | None = None  # the ρ stated for the coupled colour channels (``coupling.estimate``), if coupled
     var_scale: list | None = None  # the variance fit of these images, as a list of one (``varscale``), if fitted
+    spatial: list | None = None  # the checkerboard decoder's stated weights (``spatial``), if split
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -56,6 +57,7 @@ def dataset_nll(
     flips: str | None = None,
     coupling: bool | None = None,
     fit_variance: bool | None = None,
+    spatial: bool | None = None,
 ) -> NllResult:
     """The bound of the K-step chain ``sched`` on uint8 images [N, H, W, C], in bits/dim. H = W is
     the model's image size or another tile size it takes (``codec.check_tile``: the network is
@@ -64,9 +66,10 @@ def dataset_nll(
     does (``codec.use_coupling``; None: as the encoder's default). ``fit_variance``: refit the
     error variance to these images, as the encoder does (``codec.use_fit``) — but one fit for
     all the images, where the encoder fits each image of at least ``varscale.MIN_DIMS`` values
-    apart."""
+    apart. ``spatial``: split the decoder like a checkerboard, weights fitted on these images, as
+    the encoder does (``codec.use_split``)."""
     from ddpm_codec import varscale
-    from ddpm_codec.codec import measure_file, use_coupling, use_fit
+    from ddpm_codec.codec import measure_file, measure_split, use_coupling, use_fit, use_split
 
     from ddpm_codec.checkpoint import takes_tile
 
@@ -81,6 +84,10 @@ def dataset_nll(
                                   use_fit(fit_variance, var_type, images.size))
     rho = None if stated is None else colour.table(stated, model.schedule.T)
     scale = None if scaled is None else varscale.tables(scaled, model.schedule.T, c)[0]  # one fit for all
+    units = [images.transpose(0, 3, 1, 2)]
+    stated_split = (measure_split(net, model, sched, var_type, units, batch, rho,
+                                  None if scale is None else scale[None], [np.zeros(len(images), dtype=np.int64)])
+                    if use_split(spatial, c, var_type, images.size) else None)
     n = len(images)
     per_image = sched.K if method is BoundMethod.FULL else samples
     bar = tqdm(total=n * per_image, disable=not progress, file=sys.stderr, unit="img·step",
@@ -92,10 +99,10 @@ def dataset_nll(
             x0 = to_model_space(images[i:i + batch]).contiguous(memory_format=torch.channels_last)
             if method is BoundMethod.FULL:
                 terms = bound_full(net, sched, x0, gen, variance, progress=bar.update, coupling=rho,
-                                   scale=scale)
+                                   scale=scale, spatial=stated_split)
             else:
                 terms = bound_mc(net, sched, x0, gen, samples, variance, progress=bar.update, coupling=rho,
-                                 scale=scale)
+                                 scale=scale, spatial=stated_split)
             parts.append(torch.stack([terms.prior, terms.diffusion, terms.decoder], 1))
     bar.close()
     t = torch.cat(parts)  # [N, 3] bits/dim
@@ -107,5 +114,5 @@ def dataset_nll(
         stderr=float(total.std() / math.sqrt(n)) if n > 1 else float("nan"),
         n=n, steps=sched.K, method=method.value, variance=var_type.value, model=model.model_id,
         seconds=time.perf_counter() - t0, flips=model.flips_or_default(flips),
-        coupling=stated, var_scale=scaled,
+        coupling=stated, var_scale=scaled, spatial=stated_split,
     )

@@ -27,6 +27,7 @@ import torch
 from scipy.special import ndtr
 
 from ..coupling import conditional, pair_correlations
+from ..spatial import neighbour_mean, phase_b, shifted, weights
 from ..diffusion import EpsNet, LearnedVariance, p_step
 from ..schedule import Schedule
 from .entropy import MAX_RANGE, Stack
@@ -60,6 +61,7 @@ class ChainCoder:
     grid_bits: int = 2
     coupling: np.ndarray | None = None  # a ρ table: p with coupled colour channels (``coupling``), coded R, G, B
     scale: np.ndarray | None = None  # variance fits [F, T+1, 2C] (``varscale.tables``): p's error variance refitted
+    spatial: list | None = None  # a checkerboard split of the decoder (``spatial``: its 2C stated integers)
     delta: np.ndarray = field(init=False)  # grid widths δ_k, [K+1] (entry 0 unused: pixels)
 
     def __post_init__(self) -> None:
@@ -177,6 +179,68 @@ class ChainCoder:
             z.append((x.reshape(shape[0], -1) - m[:, c]) / std[:, c])
         return out
 
+    # --- the checkerboard decoder (``spatial``): phase A, then phase B given A -------------------
+
+    def _split_parts(self, mean: np.ndarray, var, shape):
+        """(conditional(c, z) -> (mean, std) [B, H·W], phase B's mask [H·W], w [C], f [C], C) of the
+        decoder step: channels coupled if the coder couples them, else each on its own."""
+        B, C = shape[0], shape[1]
+        if self.coupling is not None:
+            m, std, r = self._coupled(1, mean, var, shape)
+
+            def cond(c, z):
+                return conditional(c, m, std, r, z)
+        else:
+            m = mean.reshape(B, C, -1)
+            std = np.broadcast_to(np.sqrt(np.asarray(var, dtype=np.float64)).reshape(-1) if np.ndim(var)
+                                  else math.sqrt(var), mean.shape).reshape(B, C, -1)
+
+            def cond(c, z):
+                return m[:, c], std[:, c]
+        w, f = weights(self.spatial, C)
+        return cond, m, std, phase_b(*shape[2:]).reshape(-1), w, f
+
+    def _push_split(self, stack: Stack, u: np.ndarray, mean: np.ndarray, var, shape) -> None:
+        """Push the pixels' levels ``u`` phase B first (channels last first), then phase A, so that
+        the decoder pops phase A (R, G, B), then phase B given A."""
+        cond, m, std, b, w, f = self._split_parts(mean, var, shape)
+        B, C, H, W = shape
+        levels = u.reshape(B, C, -1)
+        x = levels * (2.0 / 255.0) - 1.0
+        z = (x - m) / std
+        parts = []
+        for c in range(C):
+            mc, sc = cond(c, [z[:, j] for j in range(c)])
+            n = neighbour_mean(((x[:, c] - mc) / sc).reshape(B, H, W)).reshape(B, -1)
+            mb, sb = shifted(mc, sc, n, w[c], f[c])
+            parts.append(((mc[:, ~b], sc[:, ~b]), (mb[:, b], sb[:, b])))
+        for phase, sel in ((1, b), (0, ~b)):
+            for c in reversed(range(C)):
+                mc, sc = parts[c][phase]
+                self._push_pixels(stack, levels[:, c][:, sel].reshape(-1), mc.reshape(-1), sc.reshape(-1))
+
+    def _pop_split(self, stack: Stack, mean: np.ndarray, var, shape) -> np.ndarray:
+        cond, m, std, b, w, f = self._split_parts(mean, var, shape)
+        B, C, H, W = shape
+        levels = np.zeros((B, C, H * W), dtype=np.int64)
+        z = np.zeros((B, C, H * W))
+        resid = np.zeros((B, C, H * W))
+        for c in range(C):  # phase A
+            mc, sc = cond(c, [z[:, j] for j in range(c)])
+            vals = self._pop_pixels(stack, mc[:, ~b].reshape(-1), sc[:, ~b].reshape(-1)).reshape(B, -1)
+            levels[:, c, ~b] = vals
+            x = vals * (2.0 / 255.0) - 1.0
+            z[:, c, ~b] = (x - m[:, c, ~b]) / std[:, c, ~b]
+            resid[:, c, ~b] = (x - mc[:, ~b]) / sc[:, ~b]
+        for c in range(C):  # phase B, given A's residuals
+            mc, sc = cond(c, [z[:, j] for j in range(c)])
+            n = neighbour_mean(resid[:, c].reshape(B, H, W)).reshape(B, -1)
+            mb, sb = shifted(mc, sc, n, w[c], f[c])
+            vals = self._pop_pixels(stack, mb[:, b].reshape(-1), sb[:, b].reshape(-1)).reshape(B, -1)
+            levels[:, c, b] = vals
+            z[:, c, b] = (vals * (2.0 / 255.0) - 1.0 - m[:, c, b]) / std[:, c, b]
+        return levels.reshape(-1)
+
     def _push_channel(self, stack: Stack, k: int, values: np.ndarray, mean: np.ndarray, std) -> None:
         """Push x_{k−1}'s ``values`` (k = 1: pixel levels; else grid indices) with N(mean, std²)."""
         if k == 1:
@@ -211,7 +275,9 @@ class ChainCoder:
             if on_step:
                 on_step(stack)
             mean, var = self._p(n_k, k, shape, scale)
-            if self.coupling is not None:
+            if k == 1 and self.spatial is not None:
+                self._push_split(stack, u, mean, var, shape)
+            elif self.coupling is not None:
                 self._push_coupled(stack, k, u if k == 1 else n_prev, mean, var, shape)
             else:
                 self._push_channel(stack, k, u if k == 1 else n_prev, mean, np.sqrt(var))
@@ -227,7 +293,9 @@ class ChainCoder:
         n_k = stack.pop_gaussian(np.zeros(size), s, R)
         for k in range(self.K, 0, -1):
             mean, var = self._p(n_k, k, shape, scale)
-            if self.coupling is not None:
+            if k == 1 and self.spatial is not None:
+                vals = self._pop_split(stack, mean, var, shape)
+            elif self.coupling is not None:
                 vals = self._pop_coupled(stack, k, mean, var, shape)
             elif k == 1:
                 vals = self._pop_pixels(stack, mean, np.sqrt(var))
