@@ -226,8 +226,8 @@ def spatial_option():
         "--spatial/--no-spatial", default=None,
         help="Code the last step (x_0 given x_1) in two checkerboard phases: each pixel of the second given "
              "how far its four neighbours of the first fell from the network's prediction, with a weight and a "
-             "variance factor per channel that the encoder fits on the images being coded (one extra network "
-             "call per unit) and states in the header (format version 12). Default: as --coupling's (colour "
+             "variance factor per channel that the encoder fits on the images being coded (on the t = 1 draws "
+             "of --coupling and --fit-variance: no extra network calls) and states in the header (format version 12). Default: as --coupling's (colour "
              "images of at least 49,152 values); bits-back files only.")
 
 

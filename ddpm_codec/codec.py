@@ -362,13 +362,13 @@ def encode_lossless(
     dims = sum(im.size for _, im in images)
     fit_of = varscale.assign([im.size for _, im in images])
     unit_fits = unit_tags(layout, shapes, fit_of)
+    split_draws = [] if use_split(spatial, C, var_type, dims) else None
     stated, scaled = measure_file(timed, model, sched, var_type, groups, batch,
                                   use_coupling(coupling, C, var_type, dims), use_fit(fit_variance, var_type, dims),
-                                  unit_fits=unit_fits)
+                                  unit_fits=unit_fits, split_draws=split_draws)
     rho = None if stated is None else colour.table(stated, model.schedule.T)
     scale = None if scaled is None else varscale.tables(scaled, model.schedule.T, C)
-    stated_split = (measure_split(timed, model, sched, var_type, groups, batch, rho, scale, unit_fits)
-                    if use_split(spatial, C, var_type, dims) else None)
+    stated_split = None if split_draws is None else measure_split(model, var_type, split_draws, rho, scale)
     coder = ChainCoder(timed, sched, model.variance(sched, var_type), grid_bits, rho, scale, stated_split)
     threads = torch.get_num_threads()
     sizes, spans = group_batches(groups, batch, first_batch)
@@ -465,39 +465,32 @@ def use_split(spatial: bool | None, channels: int, var_type: VarianceType, dims:
     return use_coupling(None, channels, var_type, dims) and dims >= split.MIN_DIMS
 
 
-def measure_split(net, model: LoadedModel, sched, var_type: VarianceType, units: list[np.ndarray], batch: int,
-                  rho: np.ndarray | None, scale: np.ndarray | None, unit_fits: list[np.ndarray]) -> list[int]:
-    """The checkerboard decoder's weights a file states (``spatial.estimate``), fitted on one
-    draw of x_1 per unit (the draw ``coupling.anchor_errors`` makes at t = 1; one network call per
-    unit, at most ``spatial.FIT_UNITS`` units), with the decoder as the coder will run it: the
-    file's variance fit (``scale``) and colour coupling (``rho``)."""
-    from .coupling import conditional, pair_correlations
+def measure_split(model: LoadedModel, var_type: VarianceType, draws: list, rho: np.ndarray | None,
+                  scale: np.ndarray | None) -> list[int]:
+    """The checkerboard decoder's weights a file states (``spatial.estimate``), fitted on the t = 1
+    draws ``measure_file`` kept (``split_draws``: no network calls of its own), with the decoder as
+    the coder will run it: the file's variance fit (``scale``, indexed by each draw's tag; None:
+    none) and colour coupling (``rho``)."""
+    from .coupling import pair_correlations
 
-    n = sum(len(u) for u in units)
-    stride = max(1, -(-n // split.FIT_UNITS))
-    units = [u[::stride] for u in units]
-    tags = [f[::stride] for f in unit_fits]
     e = model.error_table(var_type)
     C = model.channels
 
-    def draws():
-        for t, x0, err, es, tag in colour.anchor_errors(net, model.schedule, units, batch,
-                                                         torch.Generator().manual_seed(0), tags=tags):
-            if t != 1:
-                return
+    def decoder():
+        for x0, err, es, tag in draws:
             var = e[1] * (es.double() if es is not None else torch.ones_like(err))
             if scale is not None:  # σ² = v·E + a at k = 1 (β̃_1 = 0, c_1 = 1)
-                fit = torch.from_numpy(scale[tag][:, 1]).reshape(len(tag), 2 * C, 1, 1)
+                fits = scale[np.zeros(len(x0), dtype=np.int64) if tag is None else tag]
+                fit = torch.from_numpy(fits[:, 1]).reshape(len(x0), 2 * C, 1, 1)
                 var = var * fit[:, :C] + fit[:, C:]
             yield x0, x0 + err, var.sqrt()
 
     def conditional_of(mean, std):
-        if rho is None:
-            return lambda c, z: (mean[:, c], std[:, c])
-        r = pair_correlations(std * std, std * std, tuple(torch.tensor(float(v)) for v in rho[1]))
-        return lambda c, z: conditional(c, mean, std, r, z)
+        r = None if rho is None else pair_correlations(std * std, std * std,
+                                                       tuple(torch.tensor(float(v)) for v in rho[1]))
+        return split.channel_conditional(mean, std, r)
 
-    return split.estimate(draws(), C, conditional_of)
+    return split.estimate(decoder(), C, conditional_of)
 
 
 def unit_tags(layout: "UnitLayout", shapes: list[tuple[int, int]], per_image: list[int]) -> list[np.ndarray]:
@@ -507,18 +500,30 @@ def unit_tags(layout: "UnitLayout", shapes: list[tuple[int, int]], per_image: li
 
 def measure_file(net, model: LoadedModel, sched, var_type: VarianceType, units: list[np.ndarray], batch: int,
                  rho: bool, scale: bool, progress: Callable[[int], None] | None = None,
-                 unit_fits: list[np.ndarray] | None = None) -> tuple[list | None, list | None]:
+                 unit_fits: list[np.ndarray] | None = None,
+                 split_draws: list | None = None) -> tuple[list | None, list | None]:
     """What the encoder states about its own images, from one draw per unit at each anchor
     (``coupling.anchor_errors``): the colour coupling's ρ (of all units) if ``rho``; if ``scale``,
     the variance fits (for the chain ``sched``), one per index in ``unit_fits`` (each unit's
-    fit, per group; None: one fit for all); each None when not asked for."""
-    if not (rho or scale):
+    fit, per group; None: one fit for all); each None when not asked for. ``split_draws``: a list
+    to which the t = 1 draws (x_0, err, exp(s) or None, tag) of every few units (at most
+    ``spatial.FIT_UNITS`` of them) are appended, for ``measure_split``."""
+    if not (rho or scale or split_draws is not None):
         return None, None
     n_fits = 1 if unit_fits is None else 1 + max(int(f.max()) for f in unit_fits if len(f))
     rho_fit = colour.RhoFit() if rho else None
     fits = [varscale.Fit(model.error_table(var_type), sched, model.channels) for _ in range(n_fits)] if scale else []
+    stride = max(1, -(-sum(len(u) for u in units) // split.FIT_UNITS))
+    seen = 0  # units of the t = 1 draws so far
     for t, x0, err, es, tag in colour.anchor_errors(net, model.schedule, units, batch,
                                                      torch.Generator().manual_seed(0), progress, unit_fits):
+        if split_draws is not None and t == 1:
+            keep = torch.from_numpy((seen + np.arange(len(x0))) % stride == 0)
+            seen += len(x0)
+            split_draws.append((x0[keep], err[keep], None if es is None else es[keep],
+                                None if tag is None else tag[keep.numpy()]))
+        elif not (rho or scale):
+            break  # only the split's draws were asked for
         if rho_fit is not None:
             rho_fit.add(t, x0, err, es)
         for j, f in enumerate(fits):

@@ -296,13 +296,14 @@ def load_wallpaper(name: str, root: Path = WALLPAPER_DIR, factor: int | None = N
     files = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise DataError(f"wallpaper {name!r} not found under {root} (Debian: apt install plasma-workspace-wallpapers)")
-    return _reduced(files[-1], factor or math.ceil(min(Image.open(files[-1]).size) / WALLPAPER_SHORT_SIDE))
+    return _reduced(files[-1], factor)
 
 
-def _reduced(path: Path, factor: int) -> np.ndarray:
+def _reduced(path: Path, factor: int | None) -> np.ndarray:
     """A JPEG photograph as uint8 [H, W, 3], reduced by ``factor`` (at least 2, so that its JPEG
-    artefacts are averaged away)."""
+    artefacts are averaged away; None: to a short side of at most ``WALLPAPER_SHORT_SIDE``)."""
     with Image.open(path) as im:
+        factor = factor or math.ceil(min(im.size) / WALLPAPER_SHORT_SIDE)
         return np.asarray(im.convert("RGB").reduce(max(2, factor)))
 
 

@@ -142,18 +142,11 @@ def split_pixel_nll(x0: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, bet
                     stated) -> torch.Tensor:
     """−log p(x_0 | x_1) per value, nats [B, C, H, W], for the checkerboard decoder (``spatial``),
     its channels coupled by ``rho`` (the step's three ρ) or, for None, each on its own."""
-    from .spatial import pixel_nll
+    from .spatial import channel_conditional, pixel_nll
 
     std = var.sqrt()
-    if rho is None:
-        def cond(c, z):
-            return mean[:, c], std[:, c]
-    else:
-        r = pair_correlations(var, var - beta_tilde, rho)
-
-        def cond(c, z):
-            return conditional(c, mean, std, r, z)
-    return pixel_nll(x0, mean, std, cond, stated)
+    r = None if rho is None else pair_correlations(var, var - beta_tilde, rho)
+    return pixel_nll(x0, mean, std, channel_conditional(mean, std, r), stated)
 
 
 def x0_mse_per_step(net: EpsNet, sched: Schedule, x0: torch.Tensor, gen: torch.Generator,

@@ -40,6 +40,8 @@ import math
 import numpy as np
 import torch
 
+from .coupling import conditional
+
 SCALE = 256  # w and f in the header: integers in 1/256
 W_MAX = 2 * SCALE  # w in [0, 2]
 F_MIN = SCALE // 16  # f in [1/16, 1]
@@ -88,6 +90,16 @@ def neighbour_mean(u):
         count[yd, xd] += 1
     cnt = torch.from_numpy(count) if lib is torch else count
     return total / cnt
+
+
+def channel_conditional(mean, std, r):
+    """``conditional(c, z)`` -> channel c's (mean, std) given the standardised residuals ``z`` (a
+    list) of the channels before it: the coupled conditional (``coupling.conditional``) for pair
+    correlations ``r``, or for None each channel on its own. ``mean``, ``std``: [B, C, *] (numpy or
+    torch)."""
+    if r is None:
+        return lambda c, z: (mean[:, c], std[:, c])
+    return lambda c, z: conditional(c, mean, std, r, z)
 
 
 def shifted(m, s, n, w: float, f: float):

@@ -79,15 +79,14 @@ def dataset_nll(
                          f"{model.image_size}×{model.image_size}×{model.channels}")
     variance = model.variance(sched, var_type)
     net = model.network(flips)
+    split_draws = [] if use_split(spatial, c, var_type, images.size) else None
     stated, scaled = measure_file(net, model, sched, var_type, [images.transpose(0, 3, 1, 2)], batch,
                                   use_coupling(coupling, c, var_type, images.size),
-                                  use_fit(fit_variance, var_type, images.size))
+                                  use_fit(fit_variance, var_type, images.size), split_draws=split_draws)
     rho = None if stated is None else colour.table(stated, model.schedule.T)
     scale = None if scaled is None else varscale.tables(scaled, model.schedule.T, c)[0]  # one fit for all
-    units = [images.transpose(0, 3, 1, 2)]
-    stated_split = (measure_split(net, model, sched, var_type, units, batch, rho,
-                                  None if scale is None else scale[None], [np.zeros(len(images), dtype=np.int64)])
-                    if use_split(spatial, c, var_type, images.size) else None)
+    stated_split = (None if split_draws is None else
+                    measure_split(model, var_type, split_draws, rho, None if scale is None else scale[None]))
     n = len(images)
     per_image = sched.K if method is BoundMethod.FULL else samples
     bar = tqdm(total=n * per_image, disable=not progress, file=sys.stderr, unit="img·step",

@@ -27,7 +27,7 @@ import torch
 from scipy.special import ndtr
 
 from ..coupling import conditional, pair_correlations
-from ..spatial import neighbour_mean, phase_b, shifted, weights
+from ..spatial import channel_conditional, neighbour_mean, phase_b, shifted, weights
 from ..diffusion import EpsNet, LearnedVariance, p_step
 from ..schedule import Schedule
 from .entropy import MAX_RANGE, Stack
@@ -182,23 +182,18 @@ class ChainCoder:
     # --- the checkerboard decoder (``spatial``): phase A, then phase B given A -------------------
 
     def _split_parts(self, mean: np.ndarray, var, shape):
-        """(conditional(c, z) -> (mean, std) [B, H·W], phase B's mask [H·W], w [C], f [C], C) of the
-        decoder step: channels coupled if the coder couples them, else each on its own."""
+        """(conditional(c, z) -> (mean, std) [B, H·W], mean [B, C, H·W], std [B, C, H·W], phase B's
+        mask [H·W], w [C], f [C]) of the decoder step: channels coupled if the coder couples them,
+        else each on its own."""
         B, C = shape[0], shape[1]
         if self.coupling is not None:
             m, std, r = self._coupled(1, mean, var, shape)
-
-            def cond(c, z):
-                return conditional(c, m, std, r, z)
         else:
-            m = mean.reshape(B, C, -1)
+            m, r = mean.reshape(B, C, -1), None
             std = np.broadcast_to(np.sqrt(np.asarray(var, dtype=np.float64)).reshape(-1) if np.ndim(var)
                                   else math.sqrt(var), mean.shape).reshape(B, C, -1)
-
-            def cond(c, z):
-                return m[:, c], std[:, c]
         w, f = weights(self.spatial, C)
-        return cond, m, std, phase_b(*shape[2:]).reshape(-1), w, f
+        return channel_conditional(m, std, r), m, std, phase_b(*shape[2:]).reshape(-1), w, f
 
     def _push_split(self, stack: Stack, u: np.ndarray, mean: np.ndarray, var, shape) -> None:
         """Push the pixels' levels ``u`` phase B first (channels last first), then phase A, so that
