@@ -557,7 +557,6 @@ def encode(images, out, model, K, variance, grid_bits, spacing, batch, lossy, ra
     _check_coupling(coupling, lm, variance)
     _check_fit(fit_variance, lm, variance)
     _check_split(spatial, lm, variance)
-    _check_split(spatial, lm, variance)
     shapes = [im.shape[:2] for _, im in loaded]
     n_units = count_units(lm, shapes, tile)
     with tqdm(total=n_units, file=sys.stderr, unit="unit", disable=as_json and n_units < 2) as bar:

@@ -106,18 +106,19 @@ def step_term(
     q_mean, q_var = q_posterior_mean_var(sched, x0, xt, k)
     first = k == 1
     q_var = q_var.clamp(min=1e-30)  # keeps the unused branch finite (β̃_1 = 0); torch.where picks the used one
+    var = p.var.expand_as(p.mean)
+    rho = None if coupling is None else coupling_rho(coupling, sched, k)
     if coupling is None:
-        kl = normal_kl(q_mean, q_var.expand_as(q_mean), p.mean, p.var.expand_as(p.mean))
+        kl = normal_kl(q_mean, q_var.expand_as(q_mean), p.mean, var)
+    else:
+        err = var - at(sched.beta_tilde, k, xt)
+        kl = coupled_kl(q_mean, q_var, p.mean, var, err, rho)[:, None]
+    if spatial is not None:  # the decoder term once, the split's (not the unsplit one's, thrown away)
+        nll0 = split_pixel_nll(x0, p.mean, var, at(sched.beta_tilde, k, xt), rho, spatial)
+    elif coupling is None:
         nll0 = -discretized_gaussian_log_prob(x0, p.mean, p.var.sqrt())
     else:
-        var = p.var.expand_as(p.mean)
-        err = var - at(sched.beta_tilde, k, xt)
-        rho = coupling_rho(coupling, sched, k)
-        kl = coupled_kl(q_mean, q_var, p.mean, var, err, rho)[:, None]
         nll0 = coupled_pixel_nll(x0, p.mean, var, err, rho)[:, None]
-    if spatial is not None:
-        nll0 = split_pixel_nll(x0, p.mean, p.var.expand_as(p.mean), at(sched.beta_tilde, k, xt),
-                               None if coupling is None else coupling_rho(coupling, sched, k), spatial)
     out = torch.where(first, nll0.flatten(1).sum(1), kl.flatten(1).sum(1))  # each summed over its own dims
     assert out.shape == (x0.shape[0],)
     return out
