@@ -53,11 +53,17 @@ SOURCES_HELP = ("mnist[:train|valid|test], fashion-mnist[:train|test], cifar10:P
                    "The codec then uses --variance learned by default.")
 @click.option("--vlb-weight", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="λ of --learn-variance's hybrid loss.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: run the network's forward pass under bfloat16 autocast while training (weights, "
+                   "loss, optimiser and EMA stay fp32; the codec always runs fp32). Measured here on an "
+                   "AMD EPYC with AVX-512 BF16, S preset, batch 64, 2 threads: 4.6–4.7 steps/s against "
+                   "2.7–3.1 in fp32. On a CPU without bf16 units it is several times slower: measure first. "
+                   "May differ between resumed runs.")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="At the end, measure the x̂_0 error per step on 64 training images (see `calibrate`).")
 @user_errors
 def train(data, size, minutes, steps, out, schedule, T, batch, lr, ema, dropout, crop, seed, checkpoint_every,
-          init, t_sampling, bound_steps, learn_variance, vlb_weight, calibrate):
+          init, t_sampling, bound_steps, learn_variance, vlb_weight, precision, calibrate):
     """Train an ε-network with L_simple (Algorithm 1).
 
     Adam with warm-up, EMA of the weights, gradient clipping. A checkpoint is
@@ -79,7 +85,8 @@ def train(data, size, minutes, steps, out, schedule, T, batch, lr, ema, dropout,
     cfg = TrainConfig(data=data, batch_size=batch, lr=lr, ema_decay=ema, seed=seed, minutes=minutes,
                       steps=steps, checkpoint_every_s=checkpoint_every * 60,
                       init=str(init) if init is not None else None, t_sampling=t_sampling,
-                      bound_steps=bound_steps, learn_variance=learn_variance, vlb_weight=vlb_weight)
+                      bound_steps=bound_steps, learn_variance=learn_variance, vlb_weight=vlb_weight,
+                      precision=precision)
     meta = run(cfg, net_cfg, sched, source, out)
     click.echo(f"trained {meta['step']} steps in {meta['elapsed_s'] / 60:.1f} min -> {out}", err=True)
     if calibrate:

@@ -36,6 +36,25 @@ class TrainConfig:
     bound_steps: int = 100  # K of the chain "bound" sampling trains for
     learn_variance: bool = False  # a second output s per pixel, trained by the hybrid loss (diffusion.VarianceLoss)
     vlb_weight: float = 1e-3  # λ of the hybrid loss
+    precision: str = "fp32"  # "bf16": the network's forward pass under bfloat16 autocast (BF16Forward)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+class BF16Forward(torch.nn.Module):
+    """Runs ``net`` under CPU bfloat16 autocast (convolutions and matmuls in bf16, weights, loss,
+    gradients' accumulation, optimiser and EMA in fp32) and hands back fp32. A training-speed
+    option only: the codec always evaluates the network in fp32."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.net(x, t)
+        return out.float()
 
 
 def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
@@ -57,6 +76,8 @@ def train(
     """Train (or resume) into ``out``; returns the final training metadata."""
     if cfg.minutes is None and cfg.steps is None:
         raise ValueError("give a budget: minutes or steps")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
     out = Path(out)
     if cfg.learn_variance:
         if cfg.t_sampling != "bound":
@@ -160,6 +181,7 @@ def train(
     bar = tqdm(total=total, initial=state["step"], disable=not progress, file=sys.stderr,
                unit="step", dynamic_ncols=True)
     net.train()
+    forward = BF16Forward(net) if cfg.precision == "bf16" else net
     last_ck = time.monotonic()
     window: list[float] = []
     while not done():
@@ -168,7 +190,7 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr
         x0 = to_model_space(source.sample(rng, cfg.batch_size))
-        loss = l_simple(net, sched, x0, gen, t_sampling, variance_loss)
+        loss = l_simple(forward, sched, x0, gen, t_sampling, variance_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if not math.isfinite(loss.item()):

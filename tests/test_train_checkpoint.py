@@ -9,7 +9,7 @@ from ddpm_codec import checkpoint
 from ddpm_codec.data import ArraySource
 from ddpm_codec.nets.unet import UNet, count_parameters, preset_config
 from ddpm_codec.schedule import ScheduleKind, make_schedule
-from ddpm_codec.train import TrainConfig, train
+from ddpm_codec.train import BF16Forward, TrainConfig, train
 from conftest import TINY, tiny_images
 
 
@@ -28,6 +28,28 @@ def test_training_lowers_the_loss(tmp_path):
     losses = [l for _, l in meta["losses"]]
     assert len(losses) == 3
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_bf16_training_runs_the_network_in_bf16_and_keeps_fp32_weights(tmp_path):
+    sched = make_schedule(ScheduleKind.LINEAR, 100)
+    src = ArraySource("tiny", tiny_images())
+    cfg = TrainConfig(data="tiny", batch_size=16, steps=300, seed=0, warmup_steps=10, lr=2e-3, precision="bf16")
+    meta = train(cfg, TINY, sched, src, tmp_path / "a.pt", progress=False)
+    losses = [l for _, l in meta["losses"]]
+    ck = checkpoint.read(tmp_path / "a.pt")
+    assert losses[-1] < 0.7 * losses[0] and ck["train"]["precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in [*ck["ema"].values(), *ck["raw"].values()])
+    net = checkpoint.load(tmp_path / "a.pt").net
+    x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1.0, 5.0, 50.0, 100.0])
+    with torch.no_grad():
+        full, half = net(x, t), BF16Forward(net)(x, t)
+    assert half.dtype == torch.float32 and not torch.equal(full, half)  # the autocast is on ...
+    assert torch.allclose(full, half, atol=0.05 * float(full.abs().max()))  # ... computing the same function
+    # precision may change on resuming (a training-speed option, not part of the model)
+    meta = train(replace(cfg, steps=310, precision="fp32"), TINY, sched, src, tmp_path / "a.pt", progress=False)
+    assert meta["step"] == 310 and checkpoint.read(tmp_path / "a.pt")["train"]["precision"] == "fp32"
+    with pytest.raises(ValueError, match="unknown precision"):
+        train(replace(cfg, precision="fp16"), TINY, sched, src, tmp_path / "b.pt", progress=False)
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tiny_checkpoint):
