@@ -57,8 +57,9 @@ SOURCES_HELP = ("mnist[:train|valid|test], fashion-mnist[:train|test], cifar10:P
               help="bf16: run the network's forward pass under bfloat16 autocast while training (weights, "
                    "loss, optimiser and EMA stay fp32; the codec always runs fp32). Measured here on an "
                    "AMD EPYC with AVX-512 BF16, S preset, batch 64, 2 threads: 4.6–4.7 steps/s against "
-                   "2.7–3.1 in fp32. On a CPU without bf16 units it is several times slower: measure first. "
-                   "May differ between resumed runs.")
+                   "2.7–3.1 in fp32; yet 20 minutes of each at lr 1e-4 from the same `photos` run gave the same "
+                   "bound (the photos card). On a CPU without bf16 units it is several times slower: measure "
+                   "first. May differ between resumed runs.")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="At the end, measure the x̂_0 error per step on 64 training images (see `calibrate`).")
 @user_errors
