@@ -21,6 +21,7 @@ class InputError(click.ClickException):
 
 def user_errors(fn):
     """Turn the library's user-facing errors into exit code 2 with one line, never a traceback."""
+    from ddpm_codec.adapt import AdaptError
     from ddpm_codec.checkpoint import CheckpointError
     from ddpm_codec.codec import DecodeError
     from ddpm_codec.coding.container import FormatError
@@ -31,7 +32,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (DataError, CheckpointError, DecodeError, FormatError, CodingError) as e:
+        except (DataError, CheckpointError, DecodeError, FormatError, CodingError, AdaptError) as e:
             raise InputError(str(e)) from None
         except OSError as e:
             raise InputError(f"{e.filename or ''}: {e.strerror or e}") from None

@@ -26,10 +26,12 @@ import torch
 from . import __version__
 from .checkpoint import MAX_TILE, LoadedModel, takes_tile, tile_multiple
 from .coding.bitsback import ChainCoder
-from .coding.container import (LOSSLESS_COUPLED_VERSION, LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION,
-                               LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION, header_spatial, header_var_scale,
+from .coding.container import (LOSSLESS_ADAPTED_VERSION, LOSSLESS_COUPLED_VERSION, LOSSLESS_EVEN_VERSION,
+                               LOSSLESS_FLIPS_VERSION, LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION, header_adapt,
+                               header_spatial, header_var_scale,
                                LOSSLESS_TILED_VERSION, LOSSLESS_VERSION, Container, FormatError, header_coupling,
                                header_flips, pack_names, unpack_names)
+from . import adapt as adaptation
 from . import coupling as colour
 from . import spatial as split
 from . import varscale
@@ -66,6 +68,8 @@ class EncodeResult:
     net_seconds: float
     variance: str = ""  # the VarianceType used
     header_bytes: int = 0  # magic, version, header and checksums: everything but the payload words
+    adapt_seconds: float = 0.0  # fine-tuning the network to the images (``adapt``; within ``seconds``)
+    adapt_bits: int = 0  # the network's coded changes (within ``data``)
 
     @property
     def bits_per_dim(self) -> float:
@@ -329,6 +333,9 @@ def encode_lossless(
     coupling: bool | None = None,
     fit_variance: bool | None = None,
     spatial: bool | None = None,
+    adapt: int = 0,
+    adapt_precision: str = "fp32",
+    adapt_progress: Callable[[int], None] | None = None,
 ) -> EncodeResult:
     """Encode named uint8 images [H, W, C] (C = the model's channels) into one .ddpm file.
     ``var_type`` None: the calibrated variance if the model has it, else β̃. ``spacing``: of the
@@ -342,7 +349,10 @@ def encode_lossless(
     stated in the header; format version 11). None: for images of at least ``varscale.MIN_DIMS``
     values with a calibrated or learned variance. ``spatial``: code the decoder step's pixels in
     two checkerboard phases, the second given the first (``ddpm_codec.spatial``: weights fitted
-    on these images, stated in the header; format version 12). None: as ``coupling``'s default."""
+    on these images, stated in the header; format version 12). None: as ``coupling``'s default.
+    ``adapt``: fine-tune the network's biases and normalisations on these images for that many
+    steps (``ddpm_codec.adapt``; ``adapt_precision`` its forward pass) and code the rounded
+    changes in the file (format version 13); 0: the model as shipped."""
     t0 = time.perf_counter()
     flips = model.flips_or_default(flips)
     if var_type is None:
@@ -358,6 +368,15 @@ def encode_lossless(
     layout = layout_for(model, shapes, size)
     groups = layout.cut([im for _, im in images])
     sched = model.chain(steps, spacing)
+    adapted = widths = None
+    adapt_s = 0.0
+    if adapt:
+        changes = adaptation.fit(model, [im for _, im in images], sched.K, adapt, precision=adapt_precision,
+                                 progress=adapt_progress)
+        adapted = adaptation.quantize(changes)
+        widths = adaptation.std_codes(adapted)
+        model = adaptation.apply(model, adapted)
+        adapt_s = time.perf_counter() - t0
     timed = _TimedNet(model.network(flips))
     dims = sum(im.size for _, im in images)
     fit_of = varscale.assign([im.size for _, im in images])
@@ -387,6 +406,10 @@ def encode_lossless(
                 coder.encode(stack, groups[g][a:b], on_step=lambda s: lowest.append(s.bits()), fits=unit_fits[g][a:b])
                 if progress:
                     progress(b - a)
+        adapt_bits = stack.bits()
+        if adapted is not None:  # on top: the decoder pops the network's changes first
+            adaptation.push(stack, adapted, widths)
+        adapt_bits = stack.bits() - adapt_bits
         if min(lowest) >= 64 + 2 * 32:  # the seed was never exhausted
             break
         n_seed *= 2
@@ -409,20 +432,24 @@ def encode_lossless(
         **({"var_scale": scaled} if scaled is not None else {}),
         **({"var_scale_of": fit_of} if scaled is not None and len(scaled) > 1 else {}),
         **({"spatial": stated_split} if stated_split is not None else {}),
+        **({"adapt": {"grid": adaptation.GRID_BITS, "steps": int(adapt), "widths": widths}} if adapted is not None
+           else {}),
         "channels": C,
         "names": pack_names([name for name, _ in images]),
         "shapes": [[int(im.shape[0]), int(im.shape[1])] for _, im in images],
         "seed_words": {"count": n_seed, "dropped": dropped},
         "pixels_sha256": pixels_digest([im for _, im in images]),
     }
-    version = (LOSSLESS_SPLIT_VERSION if stated_split is not None else
+    version = (LOSSLESS_ADAPTED_VERSION if adapted is not None else
+               LOSSLESS_SPLIT_VERSION if stated_split is not None else
                LOSSLESS_SCALED_VERSION if scale is not None else LOSSLESS_COUPLED_VERSION if rho is not None else LOSSLESS_FLIPS_VERSION if flips != "none" else
                LOSSLESS_EVEN_VERSION if layout.even else
                LOSSLESS_VERSION if size == model.image_size else LOSSLESS_TILED_VERSION)
     data = Container(header, payload, version).to_bytes()
     return EncodeResult(data=data, dims=dims, initial_bits=32 * (n_seed - dropped),
                         seconds=time.perf_counter() - t0, net_seconds=timed.seconds,
-                        header_bytes=len(data) - 4 * payload.size, variance=var_type.value)
+                        header_bytes=len(data) - 4 * payload.size, variance=var_type.value,
+                        adapt_seconds=adapt_s, adapt_bits=adapt_bits)
 
 
 def couplable(channels: int, var_type: VarianceType) -> bool:
@@ -552,7 +579,7 @@ def info(data: bytes, model: LoadedModel | None = None) -> dict:
             "variance": h["variance"], "grid_bits": h["grid_bits"], "tile": h["tile"], "ramp": h.get("ramp", 0),
             "flips": header_flips(h, LOSSLESS_FLIPS_VERSION), "coupling": header_coupling(h),
             "var_scale": _fits(h), "var_scale_of": _fits(h, 1),
-            "spatial": header_spatial(h, int(h.get("channels", 1))),
+            "spatial": header_spatial(h, int(h.get("channels", 1))), "adapt": header_adapt(h),
             "bytes": len(data),
             "payload_words": h["payload_words"], "initial_bits": 32 * (h["seed_words"]["count"] -
                                                                          h["seed_words"]["dropped"])}
@@ -577,13 +604,17 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
         if C != model.channels:
             raise DecodeError("the file's tile shape does not fit the model")
         even = c.version in (LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION, LOSSLESS_COUPLED_VERSION,
-                             LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION)
+                             LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION, LOSSLESS_ADAPTED_VERSION)
         flips = header_flips(h, LOSSLESS_FLIPS_VERSION)
         stated = header_coupling(h)
         rho = None if stated is None else colour.table(stated, model.schedule.T)
         scaled = header_var_scale(h, C, len(h["shapes"]))
         scale = None if scaled is None else varscale.tables(scaled[0], model.schedule.T, C)
         stated_split = header_spatial(h, C)
+        stated_adapt = header_adapt(h)
+        if stated_adapt is not None and stated_adapt["grid"] != adaptation.GRID_BITS:
+            raise FormatError(f"header: adaptation grid 2^-{stated_adapt['grid']}, this reader knows "
+                              f"2^-{adaptation.GRID_BITS}")
         if not even and (size != model.image_size) != (c.version == LOSSLESS_TILED_VERSION):
             raise FormatError(f"header: tile {size} in a version-{c.version} file")
         check_tile(size, model)
@@ -595,8 +626,6 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
             raise FormatError(f"header: a variance scale with the {var_type.value} variance")
         if stated_split is not None and not fittable(var_type):
             raise FormatError(f"header: a checkerboard decoder with the {var_type.value} variance")
-        coder = ChainCoder(model.network(flips), sched, model.variance(sched, var_type), int(h["grid_bits"]), rho,
-                           scale, stated_split)
         shapes = [(int(a), int(b)) for a, b in h["shapes"]]
         names = unpack_names(h["names"])
         if len(names) != len(shapes):
@@ -620,6 +649,17 @@ def decode(data: bytes, model: LoadedModel, progress: Callable[[int], None] | No
             raise
         raise FormatError(f"malformed header ({type(e).__name__}: {e})") from None
     stack = Stack(c.payload)
+    if stated_adapt is not None:
+        sizes_of = [s.stop - s.start for _, s in adaptation.groups(model.net)]
+        try:
+            model = adaptation.apply(model, adaptation.pop(stack, sizes_of, stated_adapt["widths"]))
+        except ValueError as e:
+            raise DecodeError(f"the network's adaptation does not decode ({e})") from None
+    try:
+        coder = ChainCoder(model.network(flips), sched, model.variance(sched, var_type), int(h["grid_bits"]), rho,
+                           scale, stated_split)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"malformed header ({type(e).__name__}: {e})") from None
     units = [np.empty((len(m), C, a, b), dtype=np.uint8) for (a, b), m in groups]
     try:
         with torch_threads(threads):

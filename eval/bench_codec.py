@@ -48,11 +48,13 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
                  var_type: VarianceType | None, grid_bits: int, batch: int, with_bound: bool = True,
                  spacing: str | None = None, bar: Callable = _no_bar, network_alone: bool = True,
                  tile: int | None = None, flips: str | None = None, coupling: bool | None = None,
-                 fit_variance: bool | None = None, spatial: bool | None = None) -> dict:
+                 fit_variance: bool | None = None, spatial: bool | None = None, adapt: int = 0,
+                 adapt_precision: str = "fp32") -> dict:
     """``bar(desc, total)``: a progress bar (a context manager with ``update(n)``) for each phase,
     counted in tiles. ``network_alone=False`` skips timing the network by itself (a third of the
-    run's time); its keys are then None. ``tile``, ``flips``, ``coupling``, ``fit_variance``, ``spatial``: as
-    ``encode_lossless``'s."""
+    run's time); its keys are then None. ``tile``, ``flips``, ``coupling``, ``fit_variance``, ``spatial``,
+    ``adapt``, ``adapt_precision``: as ``encode_lossless``'s (the network alone and the bound are timed
+    and measured with the network as shipped)."""
     flips = model.flips_or_default(flips)
     shapes = [im.shape[:2] for _, im in images]
     tile = unit_size(model, shapes, tile)
@@ -61,7 +63,8 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
     with bar("encode", n_units) as pb:
         res = encode_lossless(images, model, K, var_type, grid_bits, batch, spacing=spacing, progress=pb.update,
                               tile=tile, flips=flips, coupling=coupling,
-                              fit_variance=fit_variance, spatial=spatial)
+                              fit_variance=fit_variance, spatial=spatial, adapt=adapt,
+                              adapt_precision=adapt_precision)
     t0 = time.perf_counter()
     with bar("decode", n_units) as pb:
         dec = decode(res.data, model, progress=pb.update)
@@ -82,6 +85,7 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
         "initial_bits": res.initial_bits, "initial_bits_per_dim": res.initial_bits / res.dims,
         "header_bytes": res.header_bytes, "net_bits_per_dim": payload_bits / res.dims, "exact": exact,
         "encode_s": res.seconds, "encode_network_s": res.net_seconds, "encode_coder_s": res.seconds - res.net_seconds,
+        "adapt_steps": adapt, "adapt_s": res.adapt_seconds, "adapt_bits_per_dim": res.adapt_bits / res.dims,
         "decode_s": dec_s, "network_only_s": net_only, "encode_over_network_only": res.seconds / net_only if net_only else None,
     }
     from .baselines import lossless_one_image, lossless_table
@@ -89,7 +93,7 @@ def bench_images(model: LoadedModel, images: list[tuple[str, np.ndarray]], K: in
     out["classic_one_file_per_image"] = lossless_table([im for _, im in images])
     if len(images) > 1:
         out["classic_all_in_one_image"] = lossless_one_image([im for _, im in images])
-    if with_bound and all(im.shape[:2] == (model.image_size, model.image_size) for _, im in images):
+    if with_bound and not adapt and all(im.shape[:2] == (model.image_size, model.image_size) for _, im in images):
         sched = model.chain(K, spacing)
         x0 = to_model_space(np.stack([im for _, im in images]))
         var_type = VarianceType(res.variance)

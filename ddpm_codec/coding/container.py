@@ -45,6 +45,10 @@ Writers use it only for such files. 12 is the lossless file of version 6 whose d
 (x_0 given x_1) codes each unit's pixels in two checkerboard phases, the second given the
 first's residuals (header key "spatial": 2 integers per channel, a weight and a variance factor
 in 1/256, ``spatial``); "flips", "coupling", "var_scale" and "var_scale_of" are optional.
+13 is the lossless file of version 6 whose network is adapted to the file (header key "adapt": the
+grid exponent, the fine-tuning's step count, and one width code per parameter group, ``adapt``): the
+changes to the network's biases and normalisations are the first thing on the stack, the payload's
+top; "flips", "coupling", "var_scale", "var_scale_of" and "spatial" are optional.
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"DDPM"
-VERSION = 12  # the highest version this reader knows
+VERSION = 13  # the highest version this reader knows
 LOSSLESS_VERSION = 1
 LOSSLESS_TILED_VERSION = 5  # as 1, with tiles of a size other than the model's
 LOSSLESS_EVEN_VERSION = 6  # as 5, edge units not padded: unit sides split the image evenly (``codec.UnitLayout``)
@@ -65,8 +69,9 @@ LOSSLESS_FLIPS_VERSION = 8  # as 6, the network a flip ensemble (header key "fli
 LOSSLESS_COUPLED_VERSION = 10  # as 6, colour channels coupled (header key "coupling": ρ; "flips" optional)
 LOSSLESS_SCALED_VERSION = 11  # as 6, the error variance scaled (header key "var_scale"; "flips", "coupling" optional)
 LOSSLESS_SPLIT_VERSION = 12  # as 6, a checkerboard decoder (header key "spatial"; "flips", "coupling", "var_scale" optional)
+LOSSLESS_ADAPTED_VERSION = 13  # as 6, the network adapted to the file (header key "adapt"; the others optional)
 LOSSLESS_VERSIONS = (LOSSLESS_VERSION, LOSSLESS_TILED_VERSION, LOSSLESS_EVEN_VERSION, LOSSLESS_FLIPS_VERSION,
-                     LOSSLESS_COUPLED_VERSION, LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION)
+                     LOSSLESS_COUPLED_VERSION, LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION, LOSSLESS_ADAPTED_VERSION)
 LOSSY_VERSION = 2  # chunk counts listed
 LOSSY_PREDICTED_VERSION = 3  # chunk counts as differences from the model's prediction
 LOSSY_LEARNED_VERSION = 4  # as 3, with the learned variance: σ per dimension, chunks balanced by predicted KL
@@ -141,7 +146,7 @@ class Container:
 def header_flips(header: dict, flips_version: int) -> str:
     """The flip ensemble a header names: its "flips" (h or hv) in a ``flips_version`` file (and,
     optionally, in a version-10 or 11 file), else "none"."""
-    optional = (LOSSLESS_COUPLED_VERSION, LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION)
+    optional = (LOSSLESS_COUPLED_VERSION, LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION, LOSSLESS_ADAPTED_VERSION)
     if header["_version"] in optional and "flips" not in header:
         return "none"
     if header["_version"] not in (flips_version, *optional):
@@ -159,11 +164,12 @@ def header_coupling(header: dict) -> list | None:
     integers, checked by ``coupling.check``), else None."""
     from ..coupling import check
 
-    if header["_version"] not in (LOSSLESS_COUPLED_VERSION, LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION):
+    if header["_version"] not in (LOSSLESS_COUPLED_VERSION, LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION, LOSSLESS_ADAPTED_VERSION):
         if "coupling" in header:
             raise FormatError(f"header: coupling in a version-{header['_version']} file")
         return None
-    if header["_version"] in (LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION) and "coupling" not in header:
+    if header["_version"] in (LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION, LOSSLESS_ADAPTED_VERSION) \
+            and "coupling" not in header:
         return None
     stated = header.get("coupling")
     try:
@@ -182,11 +188,12 @@ def header_var_scale(header: dict, channels: int, n_images: int) -> tuple[list, 
     one fit index per image, where there is more than one fit), else None."""
     from ..varscale import check
 
-    if header["_version"] not in (LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION):
+    if header["_version"] not in (LOSSLESS_SCALED_VERSION, LOSSLESS_SPLIT_VERSION, LOSSLESS_ADAPTED_VERSION):
         if "var_scale" in header or "var_scale_of" in header:
             raise FormatError(f"header: var_scale in a version-{header['_version']} file")
         return None
-    if header["_version"] == LOSSLESS_SPLIT_VERSION and "var_scale" not in header and "var_scale_of" not in header:
+    if (header["_version"] in (LOSSLESS_SPLIT_VERSION, LOSSLESS_ADAPTED_VERSION) and "var_scale" not in header
+            and "var_scale_of" not in header):
         return None
     fits, of = header.get("var_scale"), header.get("var_scale_of")
     try:
@@ -212,9 +219,11 @@ def header_spatial(header: dict, channels: int) -> list | None:
     checked by ``spatial.check``), else None."""
     from ..spatial import check
 
-    if header["_version"] != LOSSLESS_SPLIT_VERSION:
+    if header["_version"] not in (LOSSLESS_SPLIT_VERSION, LOSSLESS_ADAPTED_VERSION):
         if "spatial" in header:
             raise FormatError(f"header: spatial in a version-{header['_version']} file")
+        return None
+    if header["_version"] == LOSSLESS_ADAPTED_VERSION and "spatial" not in header:
         return None
     stated = header.get("spatial")
     try:
@@ -222,7 +231,22 @@ def header_spatial(header: dict, channels: int) -> list | None:
             raise ValueError("not a list of integers")
         check(stated, channels)
     except ValueError as e:
-        raise FormatError(f"header: bad spatial in a version-{LOSSLESS_SPLIT_VERSION} file ({e})") from None
+        raise FormatError(f"header: bad spatial in a version-{header['_version']} file ({e})") from None
+    return stated
+
+
+def header_adapt(header: dict) -> dict | None:
+    """The adaptation a header states (version 13: "adapt", {"grid": the grid exponent, "steps":
+    the fine-tuning's steps, "widths": one integer code per parameter group}), else None. The
+    widths' count is checked against the network by ``adapt.pop``."""
+    if header["_version"] != LOSSLESS_ADAPTED_VERSION:
+        if "adapt" in header:
+            raise FormatError(f"header: adapt in a version-{header['_version']} file")
+        return None
+    stated = header.get("adapt")
+    if (not isinstance(stated, dict) or type(stated.get("grid")) is not int or type(stated.get("steps")) is not int
+            or not isinstance(stated.get("widths"), list) or not all(type(v) is int for v in stated["widths"])):
+        raise FormatError(f"header: bad adapt in a version-{LOSSLESS_ADAPTED_VERSION} file")
     return stated
 
 
