@@ -76,7 +76,7 @@ def fit(model: LoadedModel, images: list[np.ndarray], K: int, steps: int, lr: fl
     weights' changes, one float64 array per group of ``groups``."""
     from .diffusion import BoundSampling, VarianceLoss, l_simple
     from .likelihood import decoder_error_slope
-    from .train import BF16Forward, PRECISIONS, _ema_update
+    from .train import BF16Forward, PRECISIONS
 
     if precision not in PRECISIONS:
         raise AdaptError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
